@@ -33,7 +33,7 @@ _NPY_MAGIC = b'\x93NUMPY\x01\x00'
 
 def probabilities_name(exit_id):
   """File name of exit ``exit_id``'s probabilities, e.g. ``clf0_probabilities.npy``."""
-  return 'clf{}_probabilities.npy'.format(int(exit_id))
+  return f'clf{int(exit_id)}_probabilities.npy'
 
 
 def split_dir(softmax_dir, split):
@@ -55,10 +55,10 @@ def manifest_path(softmax_dir):
 def _npy_header(dtype, shape):
   """A version 1.0 .npy header of exactly ``_HEADER_BYTES`` bytes."""
   descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
-  text = "{{'descr': {!r}, 'fortran_order': False, 'shape': {!r}, }}".format(descr, tuple(shape))
+  text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
   room = _HEADER_BYTES - len(_NPY_MAGIC) - 2
   if len(text) + 1 > room:
-    raise ValueError('shape {} does not fit the .npy header'.format(shape))
+    raise ValueError(f'shape {shape} does not fit the .npy header')
   text = text.ljust(room - 1) + '\n'
   return _NPY_MAGIC + np.uint16(room).tobytes() + text.encode('latin1')
 
@@ -78,15 +78,15 @@ class NpyRowWriter:
     self.num_rows = 0
     self._partial = path + '.partial'
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    self._file = open(self._partial, 'wb')
+    self._file = open(self._partial, "wb")  # noqa: SIM115 -- kept open across write() calls
     self._file.write(_npy_header(self.dtype, (0,) + self.row_shape))
 
   def write(self, block):
     """Appends ``block`` of shape [rows] + row_shape (cast to the file's dtype)."""
     block = np.ascontiguousarray(block, dtype=self.dtype)
     if block.shape[1:] != self.row_shape:
-      raise ValueError('{}: expected rows of shape {}, got a block of shape {}'.format(
-          self.path, self.row_shape, block.shape))
+      raise ValueError(f'{self.path}: expected rows of shape {self.row_shape}, '
+                       f'got a block of shape {block.shape}')
     self._file.write(block.tobytes())
     self.num_rows += block.shape[0]
 

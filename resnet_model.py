@@ -1,0 +1,612 @@
+"""ResNet v1/v2 with early-exit classifier heads, in TF 1.x graph-mode layers.
+
+The backbone is the 2018 TF official ResNet: the same layers in the same creation order, so the
+automatically numbered variable names (``resnet_model/conv2d_17/kernel``, ...) match the official
+ImageNet checkpoints and warm starts map one to one. On top of it the model can attach exit heads
+after chosen block groups (ImageNet: after groups 2 and 3; CIFAR: after stages 1 and 2). Exit k is
+called ``clf<k>``; the network's own classifier is the last exit (``clf2`` with two early exits).
+
+Each exit head is::
+
+    [BN + ReLU]  (v2 only: the group output is not yet activated in pre-activation ResNets)
+    average pool to a fixed grid (2x2 after the first early exit, 1x2 after the second)
+    flatten in channels_first order       -> [batch, channels * grid cells]
+    dense 1024, BN, ReLU, dense num_classes
+
+The layers are explicitly named (``cascaded0_bn0``, ``cascaded0_fc0``, ``cascaded0_bn00``,
+``cascaded0_fc00``; ``cascaded1_...`` for exit 1), which keeps the backbone's automatic numbering
+untouched and matches the head checkpoints of the original cascaded code.
+
+The module holds only layers, shapes and the model's facts (block sizes per depth, where exits
+attach, MAC counts). It reads no flags, builds no Estimator and opens no file.
+"""
+
+import collections
+
+import tensorflow.compat.v1 as tf
+
+MODEL_SCOPE = 'resnet_model'
+DEFAULT_VERSION = 2
+DEFAULT_DTYPE = tf.float32
+CASTABLE_TYPES = (tf.float16,)
+ALLOWED_TYPES = (DEFAULT_DTYPE,) + CASTABLE_TYPES
+
+_BATCH_NORM_DECAY = 0.997
+_BATCH_NORM_EPSILON = 1e-5
+
+# Block groups per ImageNet depth. Sizes >= 50 use bottleneck blocks.
+IMAGENET_BLOCK_SIZES = {
+    18: [2, 2, 2, 2],
+    34: [3, 4, 6, 3],
+    50: [3, 4, 6, 3],
+    101: [3, 4, 23, 3],
+    152: [3, 8, 36, 3],
+    200: [3, 24, 36, 3],
+}
+
+# Early exits of the ImageNet model attach after block groups 2 and 3 (0-based indices 1, 2).
+IMAGENET_EXIT_GROUPS = (1, 2)
+# Average-pool grid (rows, cols) of each early exit; ResNet-50 at 224x224 gives 2048 features.
+EXIT_POOL_GRIDS = ((2, 2), (1, 2))
+EXIT_HIDDEN_UNITS = 1024
+
+ALL_EXITS = 'all'
+
+
+def imagenet_block_sizes(resnet_size):
+  """Returns the block counts per group of an ImageNet ResNet of depth ``resnet_size``."""
+  try:
+    return IMAGENET_BLOCK_SIZES[int(resnet_size)]
+  except (KeyError, ValueError, TypeError):
+    raise ValueError(f'resnet_size must be one of {sorted(IMAGENET_BLOCK_SIZES)}, '
+                     f'got {resnet_size!r}') from None
+
+
+def parse_classifier_id(classifier_id, num_exits=3):
+  """Turns a classifier id (0..num_exits-1, or 'all') into the sorted tuple of exits to build."""
+  if isinstance(classifier_id, str) and classifier_id.strip().lower() == ALL_EXITS:
+    return tuple(range(num_exits))
+  try:
+    exit_id = int(classifier_id)
+  except (TypeError, ValueError):
+    exit_id = None
+  if exit_id is None or not 0 <= exit_id < num_exits:
+    raise ValueError(f'classifier_id must be one of {list(range(num_exits))} or '
+                     f'{ALL_EXITS!r}, got {classifier_id!r}')
+  return (exit_id,)
+
+
+################################################################################
+# Variable sets: the run loop warm-starts and freezes by these.
+################################################################################
+def exit_head_prefix(exit_id):
+  """Name prefix of early exit ``exit_id``'s variables, e.g. 'resnet_model/cascaded0_'."""
+  return f'{MODEL_SCOPE}/cascaded{exit_id}_'
+
+
+FINAL_DENSE_PREFIX = MODEL_SCOPE + '/dense/'
+
+
+def variable_group(name, num_exits=3):
+  """Which part of the network a variable belongs to.
+
+  Args:
+    name: a variable name such as 'resnet_model/conv2d_3/kernel:0'.
+    num_exits: total number of exits, the final classifier included.
+
+  Returns:
+    'exit<k>' for the variables of early-exit head k, 'final_dense' for the final classifier
+    (the head of the last exit), 'backbone' for everything else in the model scope (stem,
+    block groups and the final pre-activation BN), or None outside the model scope.
+  """
+  if not name.startswith(MODEL_SCOPE + '/'):
+    return None
+  for exit_id in range(num_exits - 1):
+    if name.startswith(exit_head_prefix(exit_id)):
+      return f'exit{exit_id}'
+  if name.startswith(FINAL_DENSE_PREFIX):
+    return 'final_dense'
+  return 'backbone'
+
+
+def head_group(exit_id, num_exits=3):
+  """Name of the variable group that holds exit ``exit_id``'s classifier."""
+  return 'final_dense' if exit_id == num_exits - 1 else f'exit{exit_id}'
+
+
+def variables_of(group, variables, num_exits=3):
+  """The members of ``variables`` in ``group`` ('backbone', 'exit<k>' or 'final_dense')."""
+  return [v for v in variables if variable_group(v.op.name, num_exits) == group]
+
+
+################################################################################
+# Layers shared by the backbone and the heads.
+################################################################################
+def batch_norm(inputs, training, data_format, name=None):
+  """BN with the official ResNet constants; ``data_format`` only picks the channel axis."""
+  rank = inputs.shape.ndims
+  axis = 1 if (data_format == 'channels_first' or rank == 2) else 3
+  return tf.layers.batch_normalization(
+      inputs=inputs, axis=axis, momentum=_BATCH_NORM_DECAY, epsilon=_BATCH_NORM_EPSILON,
+      center=True, scale=True, training=training, fused=(rank == 4), name=name)
+
+
+def fixed_padding(inputs, kernel_size, data_format):
+  """Pads the spatial dimensions so that a strided conv does not depend on the input size.
+
+  Args:
+    inputs: [batch, channels, height, width] or [batch, height, width, channels].
+    kernel_size: the conv's kernel size.
+    data_format: 'channels_first' or 'channels_last'.
+
+  Returns:
+    The padded tensor, with (kernel_size - 1) rows/columns added in total.
+  """
+  pad_total = kernel_size - 1
+  pad_beg = pad_total // 2
+  pad_end = pad_total - pad_beg
+  spatial = [[pad_beg, pad_end], [pad_beg, pad_end]]
+  if data_format == 'channels_first':
+    return tf.pad(inputs, [[0, 0], [0, 0]] + spatial)
+  return tf.pad(inputs, [[0, 0]] + spatial + [[0, 0]])
+
+
+def conv2d_fixed_padding(inputs, filters, kernel_size, strides, data_format):
+  """Bias-free conv; explicit padding when strided, so the output size is input / stride."""
+  if strides > 1:
+    inputs = fixed_padding(inputs, kernel_size, data_format)
+  return tf.layers.conv2d(
+      inputs=inputs, filters=filters, kernel_size=kernel_size, strides=strides,
+      padding=('SAME' if strides == 1 else 'VALID'), use_bias=False,
+      kernel_initializer=tf.variance_scaling_initializer(), data_format=data_format)
+
+
+def check_grid_divides(what, height, width, grid):
+  """Raises ValueError unless a height x width map splits into a grid of equal cells."""
+  rows, cols = grid
+  if height is None or width is None or height % rows or width % cols:
+    raise ValueError(
+        f'{what} cannot average-pool a {height}x{width} feature map to a {rows}x{cols} grid; '
+        'use an input size whose feature maps divide evenly '
+        '(for ImageNet ResNets any multiple of 32, e.g. 224)')
+
+
+def grid_average_pool(inputs, grid, data_format, what='the head'):
+  """Averages a feature map over a rows x cols grid of equal cells and flattens the result.
+
+  Equivalent to a VALID average pool whose window equals its stride, written as a reshape and a
+  mean so that it also runs channels_first on CPUs (TensorFlow's CPU pooling kernels are
+  channels_last only). The result is flattened in channels_first order whatever the data format,
+  so one set of head weights serves both formats.
+
+  Args:
+    inputs: [batch, C, H, W] (channels_first) or [batch, H, W, C] (channels_last).
+    grid: (rows, cols); H must divide by rows and W by cols.
+    data_format: 'channels_first' or 'channels_last'.
+    what: name used in the error message.
+
+  Returns:
+    [batch, C * rows * cols], feature index = c * rows * cols + row * cols + col.
+  """
+  rows, cols = grid
+  shape = inputs.shape.as_list()
+  if data_format == 'channels_first':
+    channels, height, width = shape[1:]
+  else:
+    height, width, channels = shape[1:]
+  check_grid_divides(what, height, width, grid)
+  cell_h, cell_w = height // rows, width // cols
+  if data_format == 'channels_first':
+    cells = tf.reshape(inputs, [-1, channels, rows, cell_h, cols, cell_w])
+    pooled = tf.reduce_mean(cells, axis=[3, 5])                    # [batch, C, rows, cols]
+  else:
+    cells = tf.reshape(inputs, [-1, rows, cell_h, cols, cell_w, channels])
+    pooled = tf.transpose(tf.reduce_mean(cells, axis=[2, 4]), [0, 3, 1, 2])
+  return tf.reshape(pooled, [-1, channels * rows * cols])
+
+
+################################################################################
+# Residual blocks. Variable creation order inside each block is what fixes the official names.
+################################################################################
+def _building_block_v1(inputs, filters, training, projection_shortcut, strides, data_format):
+  shortcut = inputs
+  if projection_shortcut is not None:
+    shortcut = batch_norm(projection_shortcut(inputs), training, data_format)
+  inputs = conv2d_fixed_padding(inputs, filters, 3, strides, data_format)
+  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
+  inputs = conv2d_fixed_padding(inputs, filters, 3, 1, data_format)
+  inputs = batch_norm(inputs, training, data_format)
+  return tf.nn.relu(inputs + shortcut)
+
+
+def _building_block_v2(inputs, filters, training, projection_shortcut, strides, data_format):
+  shortcut = inputs
+  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
+  # The projection sees the activated input: in v2 the shortcut branch is pre-activated too.
+  if projection_shortcut is not None:
+    shortcut = projection_shortcut(inputs)
+  inputs = conv2d_fixed_padding(inputs, filters, 3, strides, data_format)
+  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
+  inputs = conv2d_fixed_padding(inputs, filters, 3, 1, data_format)
+  return inputs + shortcut
+
+
+def _bottleneck_block_v1(inputs, filters, training, projection_shortcut, strides, data_format):
+  shortcut = inputs
+  if projection_shortcut is not None:
+    shortcut = batch_norm(projection_shortcut(inputs), training, data_format)
+  inputs = conv2d_fixed_padding(inputs, filters, 1, 1, data_format)
+  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
+  # v1.5: the stride sits on the 3x3 conv, not on the first 1x1.
+  inputs = conv2d_fixed_padding(inputs, filters, 3, strides, data_format)
+  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
+  inputs = conv2d_fixed_padding(inputs, 4 * filters, 1, 1, data_format)
+  inputs = batch_norm(inputs, training, data_format)
+  return tf.nn.relu(inputs + shortcut)
+
+
+def _bottleneck_block_v2(inputs, filters, training, projection_shortcut, strides, data_format):
+  shortcut = inputs
+  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
+  if projection_shortcut is not None:
+    shortcut = projection_shortcut(inputs)
+  inputs = conv2d_fixed_padding(inputs, filters, 1, 1, data_format)
+  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
+  inputs = conv2d_fixed_padding(inputs, filters, 3, strides, data_format)
+  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
+  inputs = conv2d_fixed_padding(inputs, 4 * filters, 1, 1, data_format)
+  return inputs + shortcut
+
+
+def block_layer(inputs, filters, bottleneck, block_fn, blocks, strides, training, name,
+                data_format):
+  """One group of residual blocks; the first one changes resolution/width via a projection.
+
+  Args:
+    inputs: [batch, channels, height, width] or [batch, height, width, channels].
+    filters: filters of the blocks' inner convs (the output has 4x that for bottlenecks).
+    bottleneck: whether ``block_fn`` is a bottleneck block.
+    block_fn: one of the ``_*_block_v*`` functions.
+    blocks: number of blocks in the group.
+    strides: stride of the group's first block.
+    training: whether BN runs in training mode.
+    name: graph name of the group's output.
+    data_format: 'channels_first' or 'channels_last'.
+
+  Returns:
+    The group's output, spatially ``strides`` times smaller than ``inputs``.
+  """
+  filters_out = filters * 4 if bottleneck else filters
+
+  def projection_shortcut(x):
+    return conv2d_fixed_padding(x, filters_out, 1, strides, data_format)
+
+  inputs = block_fn(inputs, filters, training, projection_shortcut, strides, data_format)
+  for _ in range(1, blocks):
+    inputs = block_fn(inputs, filters, training, None, 1, data_format)
+  return tf.identity(inputs, name)
+
+
+################################################################################
+# The model.
+################################################################################
+LayerCost = collections.namedtuple('LayerCost', ['stage', 'name', 'macs'])
+
+
+class Model:
+  """A ResNet whose exits can be built and evaluated selectively.
+
+  ``model(images, training)`` returns ``{exit_id: logits}`` for the exits in ``self.exits``
+  and builds only the layers those exits need: asking for exit 0 alone builds the stem, the
+  groups up to exit 0's attachment point and exit 0's head, nothing else.
+  """
+
+  def __init__(self, resnet_size, bottleneck, num_classes, num_filters, kernel_size, conv_stride,
+               first_pool_size, first_pool_stride, block_sizes, block_strides,
+               resnet_version=DEFAULT_VERSION, data_format=None, dtype=DEFAULT_DTYPE,
+               exit_groups=(), classifier_id=None, exit_pool_grids=EXIT_POOL_GRIDS,
+               exit_hidden_units=EXIT_HIDDEN_UNITS):
+    """Creates a model description; no graph is built before ``__call__``.
+
+    Args:
+      resnet_size: depth, used for names and messages only.
+      bottleneck: use bottleneck blocks (3 convs) instead of building blocks (2 convs).
+      num_classes: logits per exit.
+      num_filters: filters of the stem conv and of the first group.
+      kernel_size: stem conv kernel size.
+      conv_stride: stem conv stride.
+      first_pool_size: stem max-pool size, or None for no pool (CIFAR).
+      first_pool_stride: stem max-pool stride.
+      block_sizes: blocks per group.
+      block_strides: stride of each group.
+      resnet_version: 1 (v1.5, post-activation) or 2 (pre-activation).
+      data_format: 'channels_first', 'channels_last', or None to pick channels_first when a GPU
+        build of TensorFlow is running.
+      dtype: tf.float32, or tf.float16 with fp32 variables cast on read.
+      exit_groups: 0-based indices of the block groups after which early exits attach, in
+        increasing order. The network's own classifier is always the last exit.
+      classifier_id: exits to build: an exit id, 'all', or None for the last exit only.
+      exit_pool_grids: (rows, cols) of the average-pool grid of each early exit.
+      exit_hidden_units: width of the heads' hidden dense layer.
+    """
+    if resnet_version not in (1, 2):
+      raise ValueError(f'resnet_version must be 1 or 2, got {resnet_version!r}')
+    if dtype not in ALLOWED_TYPES:
+      raise ValueError(f'dtype must be one of {ALLOWED_TYPES}, got {dtype}')
+    if data_format is None:
+      data_format = 'channels_first' if tf.test.is_built_with_cuda() else 'channels_last'
+    if data_format not in ('channels_first', 'channels_last'):
+      raise ValueError("data_format must be 'channels_first' or 'channels_last', "
+                       f'got {data_format!r}')
+    exit_groups = tuple(int(g) for g in exit_groups)
+    if list(exit_groups) != sorted(set(exit_groups)) or any(
+        not 0 <= g < len(block_sizes) - 1 for g in exit_groups):
+      raise ValueError('exit_groups must be increasing group indices below '
+                       f'{len(block_sizes) - 1}, got {exit_groups}')
+    if len(exit_pool_grids) < len(exit_groups):
+      raise ValueError(f'need a pool grid for each of the {len(exit_groups)} early exits')
+
+    self.resnet_size = resnet_size
+    self.bottleneck = bottleneck
+    self.resnet_version = resnet_version
+    self.num_classes = num_classes
+    self.num_filters = num_filters
+    self.kernel_size = kernel_size
+    self.conv_stride = conv_stride
+    self.first_pool_size = first_pool_size
+    self.first_pool_stride = first_pool_stride
+    self.block_sizes = list(block_sizes)
+    self.block_strides = list(block_strides)
+    self.data_format = data_format
+    self.dtype = dtype
+    self.pre_activation = resnet_version == 2
+    self.exit_groups = exit_groups
+    self.exit_pool_grids = tuple(tuple(g) for g in exit_pool_grids[:len(exit_groups)])
+    self.exit_hidden_units = exit_hidden_units
+    self.num_exits = len(exit_groups) + 1
+    self.final_exit = self.num_exits - 1
+    self.exits = (parse_classifier_id(classifier_id, self.num_exits)
+                  if classifier_id is not None else (self.final_exit,))
+    if bottleneck:
+      self.block_fn = _bottleneck_block_v1 if resnet_version == 1 else _bottleneck_block_v2
+    else:
+      self.block_fn = _building_block_v1 if resnet_version == 1 else _building_block_v2
+
+  # -- variables -----------------------------------------------------------------------------
+  def _custom_dtype_getter(self, getter, name, shape=None, dtype=DEFAULT_DTYPE, *args, **kwargs):
+    """Keeps variables in fp32 and casts them on read when the model runs in fp16."""
+    if dtype in CASTABLE_TYPES:
+      var = getter(name, shape, tf.float32, *args, **kwargs)
+      return tf.cast(var, dtype=dtype, name=name + '_cast')
+    return getter(name, shape, dtype, *args, **kwargs)
+
+  def _model_variable_scope(self):
+    return tf.variable_scope(MODEL_SCOPE, custom_getter=self._custom_dtype_getter)
+
+  # -- geometry ------------------------------------------------------------------------------
+  def group_filters(self, group):
+    """Output channels of block group ``group``."""
+    filters = self.num_filters * (2 ** group)
+    return filters * 4 if self.bottleneck else filters
+
+  def feature_sizes(self, height, width):
+    """Spatial size (h, w) after the stem and after each block group, for an input size."""
+    def down(size, stride):
+      # Strided convs pad explicitly (output = ceil(size / stride)); SAME max-pool likewise.
+      return -(-size // stride)
+    h, w = down(height, self.conv_stride), down(width, self.conv_stride)
+    if self.first_pool_size:
+      h, w = down(h, self.first_pool_stride), down(w, self.first_pool_stride)
+    sizes = [(h, w)]
+    for stride in self.block_strides:
+      h, w = down(h, stride), down(w, stride)
+      sizes.append((h, w))
+    return sizes
+
+  def validate_input_size(self, height, width):
+    """Raises ValueError if the heads of this model cannot pool inputs of this size."""
+    sizes = self.feature_sizes(height, width)
+    for exit_id, group in enumerate(self.exit_groups):
+      feature_h, feature_w = sizes[1 + group]
+      check_grid_divides(f'exit {exit_id} (for {height}x{width} inputs)',
+                         feature_h, feature_w, self.exit_pool_grids[exit_id])
+
+  # -- graph ---------------------------------------------------------------------------------
+  def _exit_head(self, inputs, exit_id, training):
+    """Early-exit classifier on a block group's output.
+
+    Args:
+      inputs: [batch, C, H, W] or [batch, H, W, C] group output.
+      exit_id: which early exit (0-based).
+      training: whether the head's BNs run in training mode.
+
+    Returns:
+      [batch, num_classes] logits.
+    """
+    tag = f'{exit_id}{exit_id}'
+    if self.pre_activation:
+      inputs = batch_norm(inputs, training, self.data_format, name=f'cascaded{exit_id}_bn{exit_id}')
+      inputs = tf.nn.relu(inputs)
+    inputs = grid_average_pool(inputs, self.exit_pool_grids[exit_id], self.data_format,
+                               f'exit {exit_id}')
+    inputs = tf.layers.dense(inputs, self.exit_hidden_units,
+                             name=f'cascaded{exit_id}_fc{exit_id}')
+    inputs = batch_norm(inputs, training, self.data_format, name=f'cascaded{exit_id}_bn{tag}')
+    inputs = tf.nn.relu(inputs)
+    logits = tf.layers.dense(inputs, self.num_classes, name=f'cascaded{exit_id}_fc{tag}')
+    return tf.identity(logits, f'clf{exit_id}_logits')
+
+  def __call__(self, inputs, training, backbone_training=None, exits=None):
+    """Builds the graph up to the requested exits.
+
+    Args:
+      inputs: [batch, height, width, channels] images (always channels_last on input).
+      training: whether the heads' BNs run in training mode (batch statistics, moving
+        averages updated).
+      backbone_training: the same for the backbone's BNs; defaults to ``training``. Head
+        fine-tuning passes False so a frozen backbone keeps its statistics.
+      exits: exit ids to build; defaults to ``self.exits``.
+
+    Returns:
+      dict exit_id -> [batch, num_classes] logits (in the model's dtype).
+    """
+    exits = tuple(sorted(set(self.exits if exits is None else exits)))
+    for exit_id in exits:
+      if not 0 <= exit_id < self.num_exits:
+        raise ValueError(f'exit ids must be in 0..{self.final_exit}, got {exit_id}')
+    if backbone_training is None:
+      backbone_training = training
+    height, width = inputs.shape.as_list()[1:3]
+    if height is not None and width is not None:
+      self.validate_input_size(height, width)
+    # The last group that has to run: the final exit needs them all.
+    last_group = max(len(self.block_sizes) - 1 if e == self.final_exit else self.exit_groups[e]
+                     for e in exits)
+
+    logits = {}
+    with self._model_variable_scope():
+      if self.data_format == 'channels_first':
+        # Inputs arrive NHWC; NCHW is faster on GPUs.
+        inputs = tf.transpose(inputs, [0, 3, 1, 2])
+      inputs = conv2d_fixed_padding(inputs, self.num_filters, self.kernel_size,
+                                    self.conv_stride, self.data_format)
+      inputs = tf.identity(inputs, 'initial_conv')
+      # v1 activates the stem here; v2 leaves it to the first block's pre-activation.
+      if not self.pre_activation:
+        inputs = tf.nn.relu(batch_norm(inputs, backbone_training, self.data_format))
+      if self.first_pool_size:
+        inputs = tf.layers.max_pooling2d(inputs, self.first_pool_size, self.first_pool_stride,
+                                         padding='SAME', data_format=self.data_format)
+        inputs = tf.identity(inputs, 'initial_max_pool')
+
+      for group, num_blocks in enumerate(self.block_sizes[:last_group + 1]):
+        inputs = block_layer(
+            inputs, self.num_filters * (2 ** group), self.bottleneck, self.block_fn, num_blocks,
+            self.block_strides[group], backbone_training, f'block_layer{group + 1}',
+            self.data_format)
+        if group in self.exit_groups:
+          exit_id = self.exit_groups.index(group)
+          if exit_id in exits:
+            logits[exit_id] = self._exit_head(inputs, exit_id, training)
+
+      if self.final_exit in exits:
+        if self.pre_activation:
+          inputs = tf.nn.relu(batch_norm(inputs, backbone_training, self.data_format))
+        axes = [2, 3] if self.data_format == 'channels_first' else [1, 2]
+        # A mean over the spatial axes equals average pooling over the whole map, and is faster.
+        inputs = tf.reduce_mean(inputs, axes, keepdims=True)
+        inputs = tf.identity(inputs, 'final_reduce_mean')
+        inputs = tf.squeeze(inputs, axes)
+        inputs = tf.layers.dense(inputs, self.num_classes)
+        logits[self.final_exit] = tf.identity(inputs, 'final_dense')
+    return logits
+
+  # -- compute cost --------------------------------------------------------------------------
+  def layer_costs(self, height, width):
+    """Multiply-accumulates of every layer, walking the same description the graph is built from.
+
+    Counting rule: a conv costs k*k*H_out*W_out*C_in*C_out MACs and a dense layer
+    in*out (bias adds are not multiplies and are not counted); an average pool (exit heads and
+    the final spatial mean) costs one accumulate per input element; BN, ReLU, residual adds and
+    max pooling are free.
+
+    For ResNet-50 v2 at 224x224 this agrees with the article's spreadsheet to 0.01% on stages 0
+    and 1 (the sheet also adds C_out per layer for biases, even on bias-free convs, and counts
+    two pools at half). On the last stage the sheet is 51,380,224 MACs short: exactly one
+    7x7x512x2048 1x1 conv of block group 4. The count here has that conv, and its plain-network
+    total (4.089 G) agrees with the usual ResNet-50 figure of 4.09 GMACs.
+
+    Args:
+      height: input image height.
+      width: input image width.
+
+    Returns:
+      A list of LayerCost(stage, name, macs), in build order. Stage k is what has to run after
+      exit k-1 to produce exit k: stage 0 = stem + groups up to exit 0 + exit 0's head, ...,
+      the last stage = remaining groups + final pool + final dense.
+    """
+    self.validate_input_size(height, width)
+    costs = []
+    sizes = self.feature_sizes(height, width)
+
+    def group_stage(group):
+      for exit_id, exit_group in enumerate(self.exit_groups):
+        if group <= exit_group:
+          return exit_id
+      return self.final_exit
+
+    def conv(stage, name, k, out_hw, c_in, c_out):
+      costs.append(LayerCost(stage, name, k * k * out_hw[0] * out_hw[1] * c_in * c_out))
+
+    stem_hw = (-(-height // self.conv_stride), -(-width // self.conv_stride))
+    conv(group_stage(0), 'initial_conv', self.kernel_size, stem_hw, 3, self.num_filters)
+    channels = self.num_filters
+    for group, num_blocks in enumerate(self.block_sizes):
+      stage = group_stage(group)
+      filters = self.num_filters * (2 ** group)
+      out_channels = self.group_filters(group)
+      out_hw = sizes[group + 1]
+      in_hw = sizes[group]
+      for block in range(num_blocks):
+        prefix = f'block_layer{group + 1}/block{block + 1}'
+        c_in = channels if block == 0 else out_channels
+        if block == 0:
+          conv(stage, prefix + '/projection', 1, out_hw, c_in, out_channels)
+        if self.bottleneck:
+          # The stride sits on the 3x3 conv, so the first 1x1 runs at the input resolution.
+          first_hw = in_hw if block == 0 else out_hw
+          conv(stage, prefix + '/conv1x1_a', 1, first_hw, c_in, filters)
+          conv(stage, prefix + '/conv3x3', 3, out_hw, filters, filters)
+          conv(stage, prefix + '/conv1x1_b', 1, out_hw, filters, out_channels)
+        else:
+          conv(stage, prefix + '/conv3x3_a', 3, out_hw, c_in, filters)
+          conv(stage, prefix + '/conv3x3_b', 3, out_hw, filters, filters)
+      channels = out_channels
+      if group in self.exit_groups:
+        exit_id = self.exit_groups.index(group)
+        rows, cols = self.exit_pool_grids[exit_id]
+        head = f'cascaded{exit_id}'
+        costs.append(LayerCost(stage, head + '/avg_pool', out_hw[0] * out_hw[1] * channels))
+        costs.append(LayerCost(stage, head + '/fc', rows * cols * channels *
+                               self.exit_hidden_units))
+        costs.append(LayerCost(stage, head + '/fc_out', self.exit_hidden_units *
+                               self.num_classes))
+    final_hw = sizes[-1]
+    costs.append(LayerCost(self.final_exit, 'final_reduce_mean',
+                           final_hw[0] * final_hw[1] * channels))
+    costs.append(LayerCost(self.final_exit, 'final_dense', channels * self.num_classes))
+    return costs
+
+  def stage_macs(self, height, width):
+    """MACs of each stage (see ``layer_costs``); exit k costs sum(stage_macs[:k + 1])."""
+    totals = [0] * self.num_exits
+    for cost in self.layer_costs(height, width):
+      totals[cost.stage] += cost.macs
+    return totals
+
+  def plain_macs(self, height, width):
+    """MACs of the network without early-exit heads: the speedup baseline."""
+    return sum(c.macs for c in self.layer_costs(height, width)
+               if not c.name.startswith('cascaded'))
+
+
+def imagenet_model(resnet_size=50, resnet_version=DEFAULT_VERSION, num_classes=1001,
+                   data_format=None, classifier_id=None, dtype=DEFAULT_DTYPE):
+  """The ImageNet ResNet of the 2018 official code, with exits after block groups 2 and 3."""
+  resnet_size = int(resnet_size)
+  return Model(
+      resnet_size=resnet_size,
+      bottleneck=resnet_size >= 50,
+      num_classes=num_classes,
+      num_filters=64,
+      kernel_size=7,
+      conv_stride=2,
+      first_pool_size=3,
+      first_pool_stride=2,
+      block_sizes=imagenet_block_sizes(resnet_size),
+      block_strides=[1, 2, 2, 2],
+      resnet_version=int(resnet_version),
+      data_format=data_format,
+      dtype=dtype,
+      exit_groups=IMAGENET_EXIT_GROUPS,
+      classifier_id=classifier_id)

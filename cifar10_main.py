@@ -302,10 +302,13 @@ class Cifar10Model(resnet_model.Model):
 def learning_rate_fn(flags_obj, batch_size, num_train_images):
   """The official CIFAR schedule with its decay points placed relative to --train_epochs."""
   epochs = max(flags_obj.train_epochs, 1)
+  # Heads fine-tune after the backbone's run, whose global step they continue: keep the full
+  # rate until the last tenth of --train_epochs.
+  fractions = (0.9,) if flags_obj.fine_tune else _DECAY_FRACTIONS
   return resnet_run_loop.learning_rate_with_decay(
       batch_size=batch_size, batch_denom=_BATCH_DENOM, num_images=num_train_images,
-      boundary_epochs=[epochs * f for f in _DECAY_FRACTIONS], decay_rates=[1, 0.1, 0.01],
-      base_lr=_BASE_LR)
+      boundary_epochs=[epochs * f for f in fractions],
+      decay_rates=[1, 0.1, 0.01][:len(fractions) + 1], base_lr=_BASE_LR)
 
 
 def define_cifar_flags(flag_values=flags.FLAGS):

@@ -168,6 +168,9 @@ def resnet_model_fn(features, labels, mode, params):
     fine_tune: train only the chosen heads; the backbone's BNs stay in inference mode.
     data_format, dtype ('fp32' or 'fp16'), loss_scale, weight_decay, momentum,
     learning_rate_fn: global_step -> rate.
+    model_dir (optional): in training graphs, the variables of its latest checkpoint that this
+      graph does not build (e.g. the later stages when only exit 0 trains) are carried along,
+      so the checkpoints the run writes still hold the whole model.
 
   Predictions per built exit k: ``clf<k>_probabilities`` [batch, num_classes] float32 and
   ``clf<k>_classes`` [batch] int64; plus ``label`` when the features carry labels.
@@ -258,6 +261,8 @@ def resnet_model_fn(features, labels, mode, params):
     # when the whole network trains. A frozen backbone has none.
     update_ops = tf.get_collection(tf.GraphKeys.UPDATE_OPS)
     train_op = tf.group(minimize_op, update_ops)
+    if params.get('model_dir'):
+      carry_unbuilt_variables(tf.train.latest_checkpoint(params['model_dir']))
 
   return tf.estimator.EstimatorSpec(mode=mode, predictions=predictions, loss=loss,
                                     train_op=train_op, eval_metric_ops=metrics)
@@ -310,13 +315,51 @@ def checkpoint_mismatches(model_variables, checkpoint_shapes):
   return problems
 
 
+def optimizer_slot_names(names):
+  """The names among ``names`` that are optimizer slots, e.g. 'resnet_model/dense/kernel/Momentum'.
+
+  A slot lives under the name of the variable it belongs to, which no model variable does.
+  """
+  names = set(names)
+  return {name for name in names if name.rpartition('/')[0] in names}
+
+
+def carry_unbuilt_variables(checkpoint):
+  """Re-creates in the current graph the model variables of ``checkpoint`` it does not build.
+
+  A run that builds only part of the model (``--classifier_id 0`` stops after exit 0's stage)
+  would otherwise save checkpoints without the rest of the network, and the final classifier
+  and later stages restored into ``model_dir`` would be lost. The stand-ins are non-trainable
+  and used by no op, so they are restored and saved unchanged.
+
+  Returns:
+    The names of the variables created.
+  """
+  if not checkpoint:
+    return []
+  built = {v.op.name for v in tf.global_variables()}
+  reader = tf.train.load_checkpoint(checkpoint)
+  dtypes = reader.get_variable_to_dtype_map()
+  carried = []
+  for name, shape in sorted(reader.get_variable_to_shape_map().items()):
+    if name in built or not name.startswith(resnet_model.MODEL_SCOPE + '/'):
+      continue
+    tf.get_variable(name, shape, dtypes[name], initializer=tf.zeros_initializer(),
+                    trainable=False, collections=[tf.GraphKeys.GLOBAL_VARIABLES])
+    carried.append(name)
+  return carried
+
+
 def warm_start_variables(variables, checkpoint_shapes, num_exits):
   """Variables to take from a pretrained checkpoint.
 
   Every backbone and final-dense variable (BN moving statistics included) must come from it;
   an exit head is taken too when the checkpoint holds all of that head's variables (e.g. heads
-  trained by the original cascaded code), otherwise it starts fresh.
+  trained by the original cascaded code), otherwise it starts fresh. Optimizer slots (momentum)
+  always start fresh: the pretrained run's momentum means nothing to the new training.
   """
+  slots = optimizer_slot_names(v.op.name for v in variables)
+  variables = [v for v in variables if v.op.name not in slots]
   chosen = [v for v in variables
             if resnet_model.variable_group(v.op.name, num_exits) in ('backbone', 'final_dense')]
   for exit_id in range(num_exits - 1):
@@ -342,10 +385,13 @@ def warm_start_model_dir(model_dir, pretrained_path, model_fn, params, image_sha
   checkpoint_shapes = reader.get_variable_to_shape_map()
   graph = tf.Graph()
   with graph.as_default():
-    # The training graph creates every variable the run will save: model, slots, global step.
+    # The training graph of the whole model with every variable trainable creates everything
+    # any later run on this model_dir restores: all exits (a run that builds only exit 0 keeps
+    # the later stages and the final classifier), every optimizer slot, the global step.
     images = tf.zeros([1] + list(image_shape), tf.float32)
     labels = tf.zeros([1], tf.int32)
-    model_fn(images, labels, tf.estimator.ModeKeys.TRAIN, params)
+    model_fn(images, labels, tf.estimator.ModeKeys.TRAIN,
+             dict(params, classifier_id=resnet_model.ALL_EXITS, fine_tune=False))
     variables = tf.global_variables()
     num_exits = params['model_factory'](params['classifier_id'], params['data_format'],
                                         tf.float32).num_exits
@@ -373,24 +419,29 @@ def warm_start_model_dir(model_dir, pretrained_path, model_fn, params, image_sha
   return None if step is None else int(step)
 
 
-def check_model_dir_fits(model_dir, model_fn, params, image_shape):
-  """Raises a clear error if model_dir's checkpoint lacks variables this run's model needs."""
+def check_model_dir_fits(model_dir, model_fn, params, image_shape, training=True):
+  """Raises a clear error if model_dir's checkpoint lacks variables this run's model needs.
+
+  A training run needs the optimizer slots of what it trains too; evaluation and dumps (and
+  ``training=False``) only the model's variables, so a model_dir written by a fine-tuning run
+  (momentum for the heads only) can always be evaluated.
+  """
   checkpoint = tf.train.latest_checkpoint(model_dir)
   if not checkpoint:
     return
   checkpoint_shapes = tf.train.load_checkpoint(checkpoint).get_variable_to_shape_map()
   graph = tf.Graph()
   with graph.as_default():
-    model_fn(tf.zeros([1] + list(image_shape)), tf.zeros([1], tf.int32),
-             tf.estimator.ModeKeys.TRAIN, params)
+    mode = tf.estimator.ModeKeys.TRAIN if training else tf.estimator.ModeKeys.PREDICT
+    model_fn(tf.zeros([1] + list(image_shape)), tf.zeros([1], tf.int32), mode, params)
     wanted = {v.op.name: v.shape.as_list() for v in tf.global_variables()}
   problems = checkpoint_mismatches(wanted, checkpoint_shapes)
   if problems:
     raise ValueError(
         'the checkpoint in --model_dir {} does not fit this run\'s model ({} problems):\n  {}\n'
-        'It was written by a run with other --resnet_size/--resnet_version/--classifier_id '
-        'flags: use those flags, another --model_dir, or --clean to start over.'.format(
-            model_dir, len(problems), '\n  '.join(problems[:10])))
+        'It was written by a run with other --resnet_size/--resnet_version/--classifier_id/'
+        '--fine_tune flags: use those flags, another --model_dir, or --clean to start '
+        'over.'.format(model_dir, len(problems), '\n  '.join(problems[:10])))
 
 
 ################################################################################
@@ -597,6 +648,7 @@ def resnet_main(flags_obj, spec):
       'weight_decay': WEIGHT_DECAY,
       'momentum': MOMENTUM,
       'learning_rate_fn': spec.learning_rate_fn(flags_obj, flags_obj.batch_size),
+      'model_dir': flags_obj.model_dir,
   }
 
   pretrained_step = None
@@ -605,7 +657,8 @@ def resnet_main(flags_obj, spec):
       logging.info('%s already holds a checkpoint: it is used and '
                    '--pretrained_model_checkpoint_path %s is ignored', flags_obj.model_dir,
                    flags_obj.pretrained_model_checkpoint_path)
-    check_model_dir_fits(flags_obj.model_dir, resnet_model_fn, params, spec.image_shape)
+    check_model_dir_fits(flags_obj.model_dir, resnet_model_fn, params, spec.image_shape,
+                         training=bool(train_schedule(flags_obj)))
   elif flags_obj.pretrained_model_checkpoint_path:
     pretrained_step = warm_start_model_dir(
         flags_obj.model_dir, flags_obj.pretrained_model_checkpoint_path, resnet_model_fn,
@@ -659,6 +712,8 @@ def resnet_main(flags_obj, spec):
         every_n_iter=flags_obj.log_every_n_steps))
 
   results = {'eval': None, 'dumped': {}}
+  # Synthetic input never ends: evaluate a fixed number of batches of it.
+  eval_steps = (flags_obj.max_train_steps or 10) if flags_obj.use_synthetic_data else None
   schedule = train_schedule(flags_obj)
   logging.info('%s: %s, exits built %s, trained %s, %d replica(s) on %s, %s, global batch %d',
                spec.name, 'eval only' if not schedule else f'{schedule[-1]} epochs',
@@ -675,7 +730,7 @@ def resnet_main(flags_obj, spec):
     # same global step as an uninterrupted run.
     estimator.train(make_input_fn(True, 'train', num_epochs=None), hooks=train_hooks,
                     max_steps=max_steps)
-    results['eval'] = estimator.evaluate(make_input_fn(False, 'validation'))
+    results['eval'] = estimator.evaluate(make_input_fn(False, 'validation'), steps=eval_steps)
     logging.info('evaluation after cycle %d: %s', cycle + 1, _format_metrics(results['eval']))
     if flags_obj.stop_threshold is not None and (
         results['eval']['accuracy'] >= flags_obj.stop_threshold):
@@ -686,10 +741,12 @@ def resnet_main(flags_obj, spec):
       break
 
   if flags_obj.eval_only and flags_obj.evaluate_in_eval_only:
-    results['eval'] = estimator.evaluate(make_input_fn(False, 'validation'))
+    results['eval'] = estimator.evaluate(make_input_fn(False, 'validation'), steps=eval_steps)
     logging.info('evaluation: %s', _format_metrics(results['eval']))
 
-  if flags_obj.softmax_dir:
+  if flags_obj.softmax_dir and flags_obj.use_synthetic_data:
+    logging.info('synthetic data: no softmax dumps')
+  elif flags_obj.softmax_dir:
     exits = built_exits(flags_obj.classifier_id, num_exits)
     model = spec.model_factory(flags_obj.classifier_id, data_format, tf.float32)
     height, width = spec.image_shape[:2]

@@ -1,0 +1,217 @@
+"""Runs the cascaded ResNet on ImageNet: evaluate the official network, fine-tune the exit heads,
+dump every exit's softmax.
+
+Reads the TFRecords written by ``Imagenet_tools/imagenet_to_tfrecords.py``:
+``<data_dir>/train/train-%05d-of-01024`` and ``<data_dir>/validation/validation-%05d-of-00128``
+(the flat upstream layout ``<data_dir>/train-*`` works too). Labels are 1..1000 with 0 the unused
+background class, as in the official checkpoints, hence 1001 classes.
+
+Example (the original README's evaluation of the final classifier)::
+
+    python imagenet_main.py --eval_only --is_cascaded --classifier_id 2 \\
+        --data_format channels_first -rv 2 -rs 50 -md checkpoints/clf2 \\
+        -pmcp checkpoints/resnet_imagenet_v2_fp32_20181001 --data_dir $IMAGENET_HOME/tf_records \\
+        --num_gpus 4
+"""
+
+import functools
+import os
+
+import tensorflow.compat.v1 as tf
+from absl import app, flags, logging
+
+import imagenet_preprocessing
+import resnet_model
+import resnet_run_loop
+
+DEFAULT_IMAGE_SIZE = 224
+NUM_CHANNELS = 3
+NUM_CLASSES = 1001   # 1000 ImageNet classes + background (label 0), as the official checkpoints.
+NUM_IMAGES = {
+    'train': 1281167,
+    'validation': 50000,
+}
+SPLITS = tuple(NUM_IMAGES)
+NUM_SHARDS = {'train': 1024, 'validation': 128}
+DATASET_NAME = 'ImageNet'
+_SHUFFLE_BUFFER = 10000
+# Shards read at once: enough to keep the decoder busy; the interleave is deterministic outside
+# training, so every dump sees the same row order.
+_CYCLE_LENGTH = 10
+
+
+###############################################################################
+# Files and records
+###############################################################################
+def get_filenames(split, data_dir):
+  """The TFRecord shards of a split, sorted by shard index.
+
+  Args:
+    split: 'train' or 'validation'.
+    data_dir: the converter's output folder (``$IMAGENET_HOME/tf_records``).
+
+  Returns:
+    A list of paths.
+
+  Raises:
+    FileNotFoundError: no shards; the message says how to make them.
+  """
+  if split not in SPLITS:
+    raise ValueError('unknown split {!r}: expected one of {}'.format(split, SPLITS))
+  pattern_nested = os.path.join(data_dir, split, '{}-*-of-*'.format(split))
+  pattern_flat = os.path.join(data_dir, '{}-*-of-*'.format(split))
+  for pattern in (pattern_nested, pattern_flat):
+    files = sorted(f for f in tf.io.gfile.glob(pattern) if not f.endswith('.tmp'))
+    if files:
+      return files
+  raise FileNotFoundError(
+      'no {} TFRecords in --data_dir {} (looked for {}); convert ImageNet first with '
+      '`bash Imagenet_tools/preprocess_imagenet.sh` and pass its output folder '
+      '($IMAGENET_HOME/tf_records)'.format(split, data_dir, pattern_nested))
+
+
+def count_images(split, data_dir):
+  """Images of a split: the official count for a full conversion, else counted from the records."""
+  files = get_filenames(split, data_dir)
+  if len(files) == NUM_SHARDS[split]:
+    return NUM_IMAGES[split]
+  # A partial or miniature conversion: counting its records is cheap.
+  return sum(1 for f in files for _ in tf.data.TFRecordDataset(f).as_numpy_iterator())
+
+
+def parse_example_proto(example_serialized):
+  """Parses one tf.train.Example written by the converter.
+
+  Returns:
+    image_buffer: scalar string, the JPEG bytes.
+    label: int32 scalar, 1..1000.
+    bbox: float32 [1, num_boxes, 4] boxes as (ymin, xmin, ymax, xmax), possibly no boxes.
+  """
+  feature_map = {
+      'image/encoded': tf.io.FixedLenFeature([], tf.string, default_value=''),
+      'image/class/label': tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+  }
+  box_keys = ['image/object/bbox/' + k for k in ('ymin', 'xmin', 'ymax', 'xmax')]
+  feature_map.update({k: tf.io.VarLenFeature(tf.float32) for k in box_keys})
+  features = tf.io.parse_single_example(example_serialized, feature_map)
+  coords = [tf.expand_dims(features[k].values, 0) for k in box_keys]
+  bbox = tf.expand_dims(tf.transpose(tf.concat(coords, 0), [1, 0]), 0)   # [1, boxes, 4]
+  return features['image/encoded'], tf.cast(features['image/class/label'], tf.int32), bbox
+
+
+def parse_record(raw_record, is_training, dtype, image_size=DEFAULT_IMAGE_SIZE):
+  """Record -> ([image_size, image_size, 3] preprocessed image of dtype, int32 label)."""
+  image_buffer, label, bbox = parse_example_proto(raw_record)
+  image = imagenet_preprocessing.preprocess_image(
+      image_buffer=image_buffer, bbox=bbox, output_height=image_size, output_width=image_size,
+      num_channels=NUM_CHANNELS, is_training=is_training)
+  return tf.cast(image, dtype), label
+
+
+def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=tf.float32, split=None,
+             datasets_num_private_threads=None, input_context=None,
+             image_size=DEFAULT_IMAGE_SIZE):
+  """Batches of (images, labels) for training, evaluation or a softmax dump.
+
+  Args:
+    is_training: shuffle shards and records, augment, repeat.
+    data_dir: the converter's output folder.
+    batch_size: images per batch.
+    num_epochs: repetitions when training (None: forever).
+    dtype: image dtype.
+    split: 'train' or 'validation'; default 'train' when training, else 'validation' (the
+      training split is read in a fixed order with eval preprocessing for its dump).
+    datasets_num_private_threads: private tf.data thread pool size.
+    input_context: tf.distribute.InputContext; several input pipelines read disjoint shards.
+    image_size: side of the square images the model sees.
+
+  Returns:
+    A dataset of ([batch, image_size, image_size, 3] images, [batch] int32 labels).
+  """
+  split = split or ('train' if is_training else 'validation')
+  filenames = get_filenames(split, data_dir)
+  dataset = tf.data.Dataset.from_tensor_slices(filenames)
+  if input_context and input_context.num_input_pipelines > 1:
+    dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+  if is_training:
+    dataset = dataset.shuffle(buffer_size=len(filenames))
+  dataset = dataset.interleave(
+      tf.data.TFRecordDataset, cycle_length=min(_CYCLE_LENGTH, len(filenames)),
+      num_parallel_calls=tf.data.experimental.AUTOTUNE, deterministic=not is_training)
+  return resnet_run_loop.process_record_dataset(
+      dataset, is_training, batch_size, _SHUFFLE_BUFFER,
+      functools.partial(parse_record, image_size=image_size), num_epochs=num_epochs,
+      dtype=dtype, datasets_num_private_threads=datasets_num_private_threads)
+
+
+###############################################################################
+# Schedule, flags and main
+###############################################################################
+def learning_rate_fn(flags_obj, batch_size, num_train_images=NUM_IMAGES['train']):
+  """The article's schedules (original_system.md 3.4).
+
+  Head fine-tuning starts from a converged network, so it uses a tenth of the official rate
+  without warm-up: 0.01 x B/256, divided by 10 at epochs 10, 20, 30 and 40. Training the whole
+  network uses the official 0.128 x B/256 with 5 warm-up epochs and decay at 30, 60, 80, 90.
+  """
+  if flags_obj.fine_tune:
+    base_lr, warmup, boundaries = 0.01, False, [10, 20, 30, 40]
+  else:
+    base_lr, warmup, boundaries = 0.128, True, [30, 60, 80, 90]
+  return resnet_run_loop.learning_rate_with_decay(
+      batch_size=batch_size, batch_denom=256, num_images=num_train_images,
+      boundary_epochs=boundaries, decay_rates=[1, 0.1, 0.01, 0.001, 1e-4], base_lr=base_lr,
+      warmup=warmup)
+
+
+def define_imagenet_flags(flag_values=flags.FLAGS):
+  resnet_run_loop.define_resnet_flags(
+      resnet_size_choices=sorted(resnet_model.IMAGENET_BLOCK_SIZES), default_resnet_size='50',
+      default_train_epochs=90, flag_values=flag_values)
+  flags.DEFINE_integer('image_size', DEFAULT_IMAGE_SIZE, 'Side of the square images the model '
+                       'sees (a multiple of 32; the official checkpoints use 224).',
+                       flag_values=flag_values)
+
+
+def run_imagenet(flags_obj):
+  """Evaluates, fine-tunes, dumps and exports as the flags say."""
+  resnet_run_loop.apply_flag_defaults(flags_obj)
+  image_size = flags_obj.image_size
+  if flags_obj.use_synthetic_data:
+    input_function = resnet_run_loop.get_synth_input_fn(image_size, image_size, NUM_CHANNELS,
+                                                        NUM_CLASSES)
+    num_images = dict(NUM_IMAGES)
+  else:
+    input_function = functools.partial(input_fn, image_size=image_size)
+    num_images = {'validation': count_images('validation', flags_obj.data_dir)}
+    needs_train = not flags_obj.eval_only or (flags_obj.dump_train and flags_obj.softmax_dir)
+    num_images['train'] = (count_images('train', flags_obj.data_dir) if needs_train
+                           else NUM_IMAGES['train'])
+
+  def model_factory(classifier_id, data_format, dtype):
+    return resnet_model.imagenet_model(
+        flags_obj.resnet_size, flags_obj.resnet_version, NUM_CLASSES, data_format,
+        classifier_id, dtype)
+
+  def image_bytes_serving_fn(image_bytes):
+    return imagenet_preprocessing.preprocess_image(
+        image_bytes, tf.zeros([1, 0, 4]), image_size, image_size, NUM_CHANNELS,
+        is_training=False)
+
+  model_factory(None, 'channels_last', tf.float32).validate_input_size(image_size, image_size)
+  spec = resnet_run_loop.DatasetSpec(
+      name=DATASET_NAME, input_fn=input_function, model_factory=model_factory,
+      learning_rate_fn=functools.partial(learning_rate_fn, num_train_images=num_images['train']),
+      image_shape=(image_size, image_size, NUM_CHANNELS), num_classes=NUM_CLASSES,
+      num_images=num_images, image_bytes_serving_fn=image_bytes_serving_fn)
+  return resnet_run_loop.resnet_main(flags_obj, spec)
+
+
+def main(_):
+  run_imagenet(flags.FLAGS)
+
+
+if __name__ == '__main__':
+  logging.set_verbosity(logging.INFO)
+  define_imagenet_flags()
+  app.run(main)

@@ -436,7 +436,7 @@ class Model:
     logits = tf.layers.dense(inputs, self.num_classes, name=f'cascaded{exit_id}_fc{tag}')
     return tf.identity(logits, f'clf{exit_id}_logits')
 
-  def __call__(self, inputs, training, backbone_training=None, exits=None):
+  def __call__(self, inputs, training, backbone_training=None, exits=None, after_exit=None):
     """Builds the graph up to the requested exits.
 
     Args:
@@ -446,6 +446,10 @@ class Model:
       backbone_training: the same for the backbone's BNs; defaults to ``training``. Head
         fine-tuning passes False so a frozen backbone keeps its statistics.
       exits: exit ids to build; defaults to ``self.exits``.
+      after_exit: optional function (exit_id, logits, features) -> features, called after each
+        early exit's head with the group output that feeds the next group; what it returns
+        continues through the network. The real early-exit model uses it to pass on only the
+        images that did not leave (a subset of the batch).
 
     Returns:
       dict exit_id -> [batch, num_classes] logits (in the model's dtype).
@@ -488,6 +492,8 @@ class Model:
           exit_id = self.exit_groups.index(group)
           if exit_id in exits:
             logits[exit_id] = self._exit_head(inputs, exit_id, training)
+            if after_exit is not None:
+              inputs = after_exit(exit_id, logits[exit_id], inputs)
 
       if self.final_exit in exits:
         if self.pre_activation:

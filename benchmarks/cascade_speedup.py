@@ -1,0 +1,111 @@
+"""Measured wall-clock speedup of the real early-exit cascade over the plain network, on a CPU.
+
+For each batch size and each threshold setting, the cascade graph (``cascade_export``) and the
+plain network (same variables) classify the same batch, alternately, and the median times are
+compared with the speedup the MAC counts predict for the exit shares that actually occurred:
+
+    predicted = plain_macs / mean over images of (MACs up to the exit taken)
+
+The weights are random, so the thresholds of each setting are placed at quantiles of the exit
+confidences measured on the batch itself, to make a chosen share of images leave at exits 0 and 1
+('none' never exits early). Targets: measured >= 0.9 x predicted at batch 32 and 256; with no early
+exit, the cascade at most 3% slower than the plain network.
+
+    python benchmarks/cascade_speedup.py                      # ResNet-50 v2, 224x224
+    python benchmarks/cascade_speedup.py --image_size 128 --reps 3
+"""
+
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import tensorflow.compat.v1 as tf
+from absl import app, flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+import cascade_export  # noqa: E402
+import resnet_model  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('resnet_size', 50, 'ImageNet ResNet depth.')
+flags.DEFINE_integer('image_size', 224, 'Image side (a multiple of 32).')
+flags.DEFINE_list('batch_sizes', ['1', '32', '256'], 'Batch sizes to measure.')
+flags.DEFINE_integer('reps', 5, 'Timed calls per model, setting and batch size (batch 1: x10).')
+flags.DEFINE_string('settings', 'none:0:0,quarter:0.25:0.25,half:0.5:0.2,most:0.7:0.2',
+                    'name:share leaving at exit 0:share of the rest leaving at exit 1, ...')
+
+
+def main(_):
+  tf.disable_eager_execution()
+  size = FLAGS.image_size
+  model = resnet_model.imagenet_model(FLAGS.resnet_size, 2, 1001, 'channels_last', 'all')
+  stage = model.stage_macs(size, size)
+  cumulative = np.cumsum(stage)
+  plain_macs = model.plain_macs(size, size)
+  graph = tf.Graph()
+  with graph.as_default():
+    images = tf.placeholder(tf.float32, [None, size, size, 3])
+    thresholds = tf.placeholder(tf.float32, [2])
+    cascade = cascade_export.build_cascade(model, images, thresholds, 'top1')
+    with tf.variable_scope(tf.get_variable_scope(), reuse=True):
+      full = cascade_export.build_full(
+          resnet_model.imagenet_model(FLAGS.resnet_size, 2, 1001, 'channels_last'), images)
+      every_exit = model(images, training=False)
+    confidences = [cascade_export.confidence(tf.nn.softmax(every_exit[k]), 'top1')
+                   for k in (0, 1)]
+    sess = tf.Session()
+    sess.run(tf.global_variables_initializer())
+
+  def timed(fetch, feed, reps):
+    sess.run(fetch, feed)   # Warm-up: first calls allocate and pick kernels.
+    times = []
+    for _ in range(reps):
+      start = time.perf_counter()
+      result = sess.run(fetch, feed)
+      times.append(time.perf_counter() - start)
+    return times, result
+
+  settings = []
+  for item in FLAGS.settings.split(','):
+    name, share0, share1 = item.split(':')
+    settings.append((name, float(share0), float(share1)))
+
+  print('ResNet-{} v2, {}x{}, stage MACs {}, plain {} ({} core(s))'.format(
+      FLAGS.resnet_size, size, size, stage, plain_macs, os.cpu_count()))
+  print('{:>5} {:>8} {:>14} {:>10} {:>10} {:>10} {:>10} {:>9}'.format(
+      'batch', 'setting', 'exit shares', 'plain ms', 'cascade ms', 'predicted', 'measured',
+      'ratio'))
+  rng = np.random.RandomState(0)
+  for batch in [int(b) for b in FLAGS.batch_sizes]:
+    # Unit-scale inputs keep the random network's softmax unsaturated, so the confidences are
+    # distinct and their quantiles give the wanted exit shares.
+    data = rng.normal(0, 1, [batch, size, size, 3]).astype(np.float32)
+    conf0, conf1 = sess.run(confidences, {images: data})
+    reps = FLAGS.reps * (10 if batch == 1 else 1)
+    for name, share0, share1 in settings:
+      # Thresholds at quantiles of this batch's confidences give the wanted exit shares.
+      t0 = np.quantile(conf0, 1 - share0) if share0 > 0 else 2.0
+      stays = conf0 < t0
+      t1 = (np.quantile(conf1[stays], 1 - share1) if share1 > 0 and stays.any() else 2.0)
+      feed = {images: data, thresholds: [t0, t1]}
+      plain_times, cascade_times = [], []
+      for _ in range(reps):   # Alternate, so load changes hit both alike.
+        plain_times += timed(full['probabilities'], feed, 1)[0]
+        # Fetch the probabilities too: the exit taken alone does not need the last group.
+        times, (_, exit_taken) = timed([cascade['probabilities'], cascade['exit']], feed, 1)
+        cascade_times += times
+      shares = np.bincount(exit_taken, minlength=3) / batch
+      predicted = plain_macs / float(np.mean(cumulative[exit_taken]))
+      plain_ms = 1000 * statistics.median(plain_times)
+      cascade_ms = 1000 * statistics.median(cascade_times)
+      measured = plain_ms / cascade_ms
+      print('{:>5} {:>8} {:>14} {:>10.1f} {:>10.1f} {:>10.3f} {:>10.3f} {:>9.3f}'.format(
+          batch, name, '/'.join('{:.2f}'.format(s) for s in shares), plain_ms, cascade_ms,
+          predicted, measured, measured / predicted), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

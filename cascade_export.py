@@ -1,0 +1,227 @@
+"""Real early exit: a SavedModel that stops computing for the images an early exit is sure of.
+
+The serving graph runs the stem and the block groups up to exit 0 on the whole batch, keeps the
+images whose exit-0 confidence reaches exit 0's threshold, sends only the others through the next
+group and exit 1, only the rest of those through the last group and the final classifier, and
+scatters every image's result back to its place in the batch. Thresholds and the confidence rule
+are those of ``analyze_imagenet_labels.py`` (``thresholds.json``, ``>=``, last exit takes all),
+so the exported model takes the exits the offline simulation predicts.
+
+Signatures of the SavedModel (tags ``serve``):
+
+* ``serving_default``: the cascade.
+* ``full``: the plain network (final classifier on every image, no exit heads), for measuring the
+  speedup on the same machine.
+
+Both take ``images`` (float32 [batch, height, width, channels], preprocessed as for evaluation),
+or ``image_bytes`` (string [batch], JPEG) when exported with ``--image_bytes_as_serving_input``,
+and return per image: ``probabilities`` [batch, num_classes] float32, ``classes`` [batch] int64,
+``top5_classes`` [batch, min(5, num_classes)] int32, ``exit`` [batch] int32 (the exit taken) and
+``macs`` [batch] int64 (multiply-accumulates spent on the image).
+
+A ``cascade_info.json`` beside ``saved_model.pb`` records the data set, input kind, image shape,
+mode, epsilon, thresholds and MAC counts for ``cascade_predict.py``.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+import tensorflow.compat.v1 as tf
+
+import analyze_imagenet_labels as analysis
+
+CASCADE_INFO = 'cascade_info.json'
+TOP_K = 5
+
+
+def confidence(probabilities, mode):
+  """Per-row confidence of a [batch, num_classes] float32 probability tensor.
+
+  top1: the largest probability. top5: the sum of the 5 largest, added smallest first
+  (((p5 + p4) + p3) + p2) + p1 in float32, the order ``analyze_imagenet_labels.confidence`` uses,
+  so both give bit-identical numbers for the same probabilities.
+  """
+  if mode == 'top1':
+    return tf.reduce_max(probabilities, axis=1)
+  if mode != 'top5':
+    raise ValueError("mode must be 'top1' or 'top5', got {!r}".format(mode))
+  k = min(TOP_K, probabilities.shape.as_list()[1])
+  largest = tf.math.top_k(probabilities, k=k, sorted=True).values   # descending
+  total = largest[:, k - 1]
+  for i in range(k - 2, -1, -1):
+    total = total + largest[:, i]
+  return total
+
+
+def _per_image_outputs(probabilities, exit_taken, cumulative_macs):
+  num_classes = probabilities.shape.as_list()[1]
+  return {
+      'probabilities': probabilities,
+      'classes': tf.argmax(probabilities, axis=1),
+      'top5_classes': tf.math.top_k(probabilities, k=min(TOP_K, num_classes)).indices,
+      'exit': exit_taken,
+      'macs': tf.gather(tf.constant(cumulative_macs, tf.int64), exit_taken),
+  }
+
+
+def build_cascade(model, images, thresholds, mode):
+  """Builds the early-exit graph.
+
+  Args:
+    model: a resnet_model.Model (its exits are all built).
+    images: [batch, height, width, channels] float tensor.
+    thresholds: one threshold per early exit (floats, or a float32 [num_exits - 1] tensor); an
+      image leaves exit k if its confidence >= thresholds[k].
+    mode: 'top1' or 'top5' confidence.
+
+  Returns:
+    dict of per-image outputs (see the module docstring).
+  """
+  if isinstance(thresholds, (list, tuple)) and len(thresholds) != model.num_exits - 1:
+    raise ValueError('{} thresholds for a model with {} early exits'.format(
+        len(thresholds), model.num_exits - 1))
+  height, width = images.shape.as_list()[1:3]
+  cumulative_macs = np.cumsum(model.stage_macs(height, width)).tolist()
+  batch = tf.shape(images)[0]
+  remaining = {'rows': tf.range(batch)}   # Batch positions of the images still in the network.
+  left = []                               # (rows, probabilities, exit id) per exit
+
+  def after_exit(exit_id, logits, features):
+    probabilities = tf.nn.softmax(tf.cast(logits, tf.float32))
+    leaves = confidence(probabilities, mode) >= thresholds[exit_id]
+    left.append((tf.boolean_mask(remaining['rows'], leaves),
+                 tf.boolean_mask(probabilities, leaves), exit_id))
+    stays = tf.logical_not(leaves)
+    everyone_stays = tf.reduce_all(stays)
+
+    def keep(tensor):
+      # Copying the whole feature map to keep every row would be wasted work.
+      return tf.cond(everyone_stays, lambda: tensor, lambda: tf.boolean_mask(tensor, stays))
+    remaining['rows'] = keep(remaining['rows'])
+    # Only the images that did not leave go on through the next block group.
+    return keep(features)
+
+  logits = model(images, training=False, exits=range(model.num_exits), after_exit=after_exit)
+  final = tf.nn.softmax(tf.cast(logits[model.final_exit], tf.float32))
+  left.append((remaining['rows'], final, model.final_exit))
+
+  rows = tf.expand_dims(tf.concat([r for r, _, _ in left], axis=0), 1)
+  probabilities = tf.scatter_nd(rows, tf.concat([p for _, p, _ in left], axis=0),
+                                tf.stack([batch, model.num_classes]))
+  exits = tf.concat([tf.fill(tf.shape(r), k) for r, _, k in left], axis=0)
+  exit_taken = tf.scatter_nd(rows, tf.cast(exits, tf.int32), tf.expand_dims(batch, 0))
+  return _per_image_outputs(probabilities, exit_taken, cumulative_macs)
+
+
+def build_full(model, images):
+  """The plain network on every image, with outputs shaped like the cascade's."""
+  height, width = images.shape.as_list()[1:3]
+  logits = model(images, training=False, exits=[model.final_exit])[model.final_exit]
+  probabilities = tf.nn.softmax(tf.cast(logits, tf.float32))
+  exit_taken = tf.fill(tf.shape(probabilities)[:1], model.final_exit)
+  plain = model.plain_macs(height, width)
+  macs = [plain] * model.num_exits   # Every image pays the plain network's cost.
+  return _per_image_outputs(probabilities, exit_taken, macs)
+
+
+def check_thresholds_fit(thresholds_file, model):
+  """The thresholds file must describe a model with this class and exit count."""
+  with open(thresholds_file) as f:
+    report = json.load(f)
+  problems = []
+  if report.get('num_classes') != model.num_classes:
+    problems.append('{} classes (the model has {})'.format(report.get('num_classes'),
+                                                           model.num_classes))
+  if report.get('num_exits') != model.num_exits:
+    problems.append('{} exits (the model has {})'.format(report.get('num_exits'),
+                                                        model.num_exits))
+  if problems:
+    raise ValueError('--cascade_thresholds {} was made for another model: {}; run '
+                     'analyze_imagenet_labels.py on this model\'s dumps'.format(
+                         thresholds_file, ' and '.join(problems)))
+  return report
+
+
+def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsilon, mode,
+                   export_dir_base, dataset, data_format='channels_last',
+                   image_bytes_fn=None):
+  """Writes the cascade SavedModel into a new timestamped folder under ``export_dir_base``.
+
+  Args:
+    checkpoint: checkpoint prefix holding every exit's variables.
+    model_factory: (classifier_id, data_format, dtype) -> resnet_model.Model.
+    image_shape: (height, width, channels) the model sees.
+    thresholds_file: ``thresholds.json`` written by analyze_imagenet_labels.py.
+    epsilon: the accuracy budget whose thresholds to use (must be in the file).
+    mode: 'top1' or 'top5'.
+    export_dir_base: parent folder of the export.
+    dataset: data set name, recorded for cascade_predict.py.
+    data_format: layout of the activations in the exported graph.
+    image_bytes_fn: JPEG bytes -> preprocessed image; when given, the model takes JPEG bytes.
+
+  Returns:
+    The folder of the SavedModel.
+  """
+  model = model_factory('all', data_format, tf.float32)
+  report = check_thresholds_fit(thresholds_file, model)
+  thresholds = [float(t) for t in analysis.load_thresholds(thresholds_file, epsilon, mode)]
+  if not tf.train.checkpoint_exists(checkpoint or ''):
+    raise FileNotFoundError('no checkpoint {!r} to export; train the exit heads first '
+                            '(--fine_tune --classifier_id all)'.format(checkpoint))
+  height, width, channels = image_shape
+  export_dir = os.path.join(export_dir_base, str(int(time.time())))
+  graph = tf.Graph()
+  with graph.as_default():
+    if image_bytes_fn is not None:
+      inputs = tf.placeholder(tf.string, [None], name='image_bytes')
+      images = tf.map_fn(image_bytes_fn, inputs, fn_output_signature=tf.float32)
+      images.set_shape([None, height, width, channels])
+      input_key = 'image_bytes'
+    else:
+      inputs = tf.placeholder(tf.float32, [None, height, width, channels], name='images')
+      images = inputs
+      input_key = 'images'
+    cascade = build_cascade(model, images, thresholds, mode)
+    # The plain network reuses the cascade's variables (same names, same creation order).
+    with tf.variable_scope(tf.get_variable_scope(), reuse=True):
+      full = build_full(model_factory(None, data_format, tf.float32), images)
+    signatures = {
+        name: tf.saved_model.signature_def_utils.predict_signature_def(
+            inputs={input_key: inputs}, outputs=outputs)
+        for name, outputs in (('serving_default', cascade), ('full', full))}
+    with tf.Session() as sess:
+      tf.train.Saver().restore(sess, checkpoint)
+      builder = tf.saved_model.Builder(export_dir)
+      builder.add_meta_graph_and_variables(sess, [tf.saved_model.tag_constants.SERVING],
+                                           signature_def_map=signatures)
+      builder.save()
+  info = {
+      'dataset': dataset,
+      'input': input_key,
+      'image_shape': list(image_shape),
+      'mode': mode,
+      'epsilon': float(epsilon),
+      'thresholds': thresholds,
+      'num_classes': model.num_classes,
+      'num_exits': model.num_exits,
+      'stage_macs': model.stage_macs(height, width),
+      'plain_macs': model.plain_macs(height, width),
+      'offline_estimate': _offline_entry(report, epsilon, mode),
+      'checkpoint': checkpoint,
+  }
+  with open(os.path.join(export_dir, CASCADE_INFO), 'w') as f:
+    json.dump(info, f, indent=2)
+  tf.logging.info('exported the cascade (%s, epsilon %s, thresholds %s) to %s', mode, epsilon,
+                  thresholds, export_dir)
+  return export_dir
+
+
+def _offline_entry(report, epsilon, mode):
+  """The analysis' figures for this epsilon, for comparison with what the model measures."""
+  for entry in report.get(mode, []):
+    if abs(entry['epsilon'] - float(epsilon)) <= analysis.EPSILON_TOLERANCE:
+      return {k: entry[k] for k in ('accuracy', 'mean_macs', 'speedup', 'exit_shares')
+              if k in entry}
+  return None

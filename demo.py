@@ -7,7 +7,7 @@ Steps, each one a command a user could type (they are printed before they run):
   4. dump the softmax of all three exits for the training and test images (--eval_only);
   5. find per-exit confidence thresholds and cascade curves (analyze_imagenet_labels.py).
 
-Everything lands in --output_dir (default demo_output/): data/, model/, softmax/, report/.
+Everything lands in --output_dir (default demo_output/): data/, model/, softmax/, report/, logs/.
 """
 
 import os
@@ -31,25 +31,37 @@ flags.DEFINE_string('fashion_mnist_dir', None, 'Folder of the Fashion-MNIST idx 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run(step, argv):
-  """Runs one step as a subprocess with this interpreter, echoing the command."""
+def run(step, argv, log_dir, show_output=False):
+  """Runs one step as a subprocess with this interpreter, echoing the command.
+
+  The step's log goes to <log_dir>/<script>.log (its last lines are shown if it fails); with
+  ``show_output`` its standard output is printed as well.
+  """
   command = [sys.executable, os.path.join(HERE, argv[0])] + argv[1:]
   print('\n== {} ==\n$ {}'.format(step, ' '.join(['python'] + argv)), flush=True)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get('TF_CPP_MIN_LOG_LEVEL', '2'))
+  os.makedirs(log_dir, exist_ok=True)
+  log_path = os.path.join(log_dir, '{}.log'.format(step.split()[0].replace('/', '_of_')))
   start = time.time()
-  result = subprocess.run(command, env=env, check=False)
+  with open(log_path, 'w') as log:
+    result = subprocess.run(command, env=env, check=False, stderr=log,
+                            stdout=None if show_output else log)
   if result.returncode:
-    sys.exit('demo step "{}" failed (exit code {}); see the messages above'.format(
-        step, result.returncode))
-  print('   ({:.0f} s)'.format(time.time() - start), flush=True)
+    with open(log_path) as log:
+      tail = log.readlines()[-15:]
+    sys.exit('{}demo step "{}" failed (exit code {}); full log: {}'.format(
+        ''.join(tail), step, result.returncode, log_path))
+  print('   done in {:.0f} s (log: {})'.format(time.time() - start, log_path), flush=True)
 
 
 def main(_):
   out = FLAGS.output_dir
   data_dir = os.path.join(out, 'data')
-  model_dir = os.path.join(out, 'model')
+  backbone_dir = os.path.join(out, 'model', 'backbone')
+  cascade_dir = os.path.join(out, 'model', 'cascade')
   softmax_dir = os.path.join(out, 'softmax')
   report_dir = os.path.join(out, 'report')
+  log_dir = os.path.join(out, 'logs')
   start = time.time()
 
   prepare = ['prepare_fashion_mnist.py', '--output_dir', data_dir]
@@ -59,23 +71,25 @@ def main(_):
     prepare += ['--train_limit', str(FLAGS.train_limit)]
   if FLAGS.test_limit:
     prepare += ['--test_limit', str(FLAGS.test_limit)]
-  run('1/5 prepare Fashion-MNIST', prepare)
+  run('1/5 prepare Fashion-MNIST', prepare, log_dir)
 
-  common = ['-dd', data_dir, '-md', model_dir, '-rv', '2', '-rs', str(FLAGS.resnet_size),
-            '-bs', str(FLAGS.batch_size), '--num_gpus', '0', '--log_every_n_steps', '100']
-  # The final classifier's training sets the backbone; the heads then learn on frozen features.
+  common = ['-dd', data_dir, '-rv', '2', '-rs', str(FLAGS.resnet_size),
+            '-bs', str(FLAGS.batch_size), '--num_gpus', '0']
+  # As on ImageNet: a trained plain network first, then heads on its frozen backbone, warm-
+  # started from its checkpoint into a model folder of their own.
   run('2/5 train backbone + final classifier',
-      ['cifar10_main.py'] + common + ['--classifier_id', '2', '-te', str(FLAGS.train_epochs),
-                                      '--softmax_dir', ''])
+      ['cifar10_main.py', '-md', backbone_dir] + common +
+      ['--classifier_id', '2', '-te', str(FLAGS.train_epochs), '--softmax_dir', ''], log_dir)
   run('3/5 fine-tune both exit heads, backbone frozen',
-      ['cifar10_main.py'] + common + ['--classifier_id', 'all', '--fine_tune',
-                                      '-te', str(FLAGS.train_epochs + FLAGS.head_epochs),
-                                      '--softmax_dir', ''])
+      ['cifar10_main.py', '-md', cascade_dir, '-pmcp', backbone_dir] + common +
+      ['--classifier_id', 'all', '--fine_tune', '-te', str(FLAGS.head_epochs),
+       '--softmax_dir', ''], log_dir)
   run('4/5 dump softmax of all exits (train + test)',
-      ['cifar10_main.py'] + common + ['--classifier_id', 'all', '--eval_only',
-                                      '--softmax_dir', softmax_dir])
+      ['cifar10_main.py', '-md', cascade_dir] + common +
+      ['--classifier_id', 'all', '--eval_only', '--softmax_dir', softmax_dir], log_dir)
   run('5/5 thresholds and cascade curves',
-      ['analyze_imagenet_labels.py', '--softmax_dir', softmax_dir, '--output_dir', report_dir])
+      ['analyze_imagenet_labels.py', '--softmax_dir', softmax_dir, '--output_dir', report_dir],
+      log_dir, show_output=True)
   print('\nDemo finished in {:.1f} min; figures, thresholds.json and cascade.csv are in {}'.format(
       (time.time() - start) / 60, report_dir))
 

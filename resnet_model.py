@@ -22,6 +22,7 @@ attach, MAC counts). It reads no flags, builds no Estimator and opens no file.
 """
 
 import collections
+import contextlib
 
 import tensorflow.compat.v1 as tf
 
@@ -31,7 +32,7 @@ DEFAULT_DTYPE = tf.float32
 CASTABLE_TYPES = (tf.float16,)
 ALLOWED_TYPES = (DEFAULT_DTYPE,) + CASTABLE_TYPES
 
-_BATCH_NORM_DECAY = 0.997
+BATCH_NORM_DECAY = 0.997   # The official value; short runs (the CPU demo) need a smaller one.
 _BATCH_NORM_EPSILON = 1e-5
 
 # Block groups per ImageNet depth. Sizes >= 50 use bottleneck blocks.
@@ -122,12 +123,28 @@ def variables_of(group, variables, num_exits=3):
 ################################################################################
 # Layers shared by the backbone and the heads.
 ################################################################################
+_batch_norm_decay = [BATCH_NORM_DECAY]
+
+
+@contextlib.contextmanager
+def batch_norm_decay(decay):
+  """Sets the moving-average decay of the BNs built inside the block.
+
+  A context rather than an argument so that the block functions keep the official signatures.
+  """
+  _batch_norm_decay.append(decay)
+  try:
+    yield
+  finally:
+    _batch_norm_decay.pop()
+
+
 def batch_norm(inputs, training, data_format, name=None):
   """BN with the official ResNet constants; ``data_format`` only picks the channel axis."""
   rank = inputs.shape.ndims
   axis = 1 if (data_format == 'channels_first' or rank == 2) else 3
   return tf.layers.batch_normalization(
-      inputs=inputs, axis=axis, momentum=_BATCH_NORM_DECAY, epsilon=_BATCH_NORM_EPSILON,
+      inputs=inputs, axis=axis, momentum=_batch_norm_decay[-1], epsilon=_BATCH_NORM_EPSILON,
       center=True, scale=True, training=training, fused=(rank == 4), name=name)
 
 
@@ -305,7 +322,7 @@ class Model:
                first_pool_size, first_pool_stride, block_sizes, block_strides,
                resnet_version=DEFAULT_VERSION, data_format=None, dtype=DEFAULT_DTYPE,
                exit_groups=(), classifier_id=None, exit_pool_grids=EXIT_POOL_GRIDS,
-               exit_hidden_units=EXIT_HIDDEN_UNITS):
+               exit_hidden_units=EXIT_HIDDEN_UNITS, batch_norm_decay=BATCH_NORM_DECAY):
     """Creates a model description; no graph is built before ``__call__``.
 
     Args:
@@ -328,6 +345,8 @@ class Model:
       classifier_id: exits to build: an exit id, 'all', or None for the last exit only.
       exit_pool_grids: (rows, cols) of the average-pool grid of each early exit.
       exit_hidden_units: width of the heads' hidden dense layer.
+      batch_norm_decay: decay of the BN moving averages (0.997 officially; at that value the
+        averages need a few thousand steps to forget their initial 0/1, too many for a demo).
     """
     if resnet_version not in (1, 2):
       raise ValueError(f'resnet_version must be 1 or 2, got {resnet_version!r}')
@@ -363,6 +382,7 @@ class Model:
     self.exit_groups = exit_groups
     self.exit_pool_grids = tuple(tuple(g) for g in exit_pool_grids[:len(exit_groups)])
     self.exit_hidden_units = exit_hidden_units
+    self.batch_norm_decay = batch_norm_decay
     self.num_exits = len(exit_groups) + 1
     self.final_exit = self.num_exits - 1
     self.exits = (parse_classifier_id(classifier_id, self.num_exits)
@@ -468,7 +488,7 @@ class Model:
                      for e in exits)
 
     logits = {}
-    with self._model_variable_scope():
+    with self._model_variable_scope(), batch_norm_decay(self.batch_norm_decay):
       if self.data_format == 'channels_first':
         # Inputs arrive NHWC; NCHW is faster on GPUs.
         inputs = tf.transpose(inputs, [0, 3, 1, 2])
@@ -597,7 +617,8 @@ class Model:
 
 
 def imagenet_model(resnet_size=50, resnet_version=DEFAULT_VERSION, num_classes=1001,
-                   data_format=None, classifier_id=None, dtype=DEFAULT_DTYPE):
+                   data_format=None, classifier_id=None, dtype=DEFAULT_DTYPE,
+                   batch_norm_decay=BATCH_NORM_DECAY):
   """The ImageNet ResNet of the 2018 official code, with exits after block groups 2 and 3."""
   resnet_size = int(resnet_size)
   return Model(
@@ -615,4 +636,5 @@ def imagenet_model(resnet_size=50, resnet_version=DEFAULT_VERSION, num_classes=1
       data_format=data_format,
       dtype=dtype,
       exit_groups=IMAGENET_EXIT_GROUPS,
-      classifier_id=classifier_id)
+      classifier_id=classifier_id,
+      batch_norm_decay=batch_norm_decay)

@@ -335,7 +335,9 @@ def carry_unbuilt_variables(checkpoint):
   Returns:
     The names of the variables created.
   """
-  if not checkpoint:
+  if not checkpoint or tf.get_variable_scope().reuse:
+    # Under MirroredStrategy the replicas after the first reuse the first one's variables
+    # (their variable scope says so), stand-ins included.
     return []
   built = {v.op.name for v in tf.global_variables()}
   reader = tf.train.load_checkpoint(checkpoint)
@@ -566,8 +568,17 @@ def configure_cpu_replicas(count):
   if count <= 1:
     return
   cpu = tf.config.list_physical_devices('CPU')[0]
-  tf.config.set_logical_device_configuration(
-      cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+  current = tf.config.get_logical_device_configuration(cpu)
+  if current is not None and len(current) == count:
+    return  # Split by an earlier job of this process.
+  try:
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+  except RuntimeError as e:
+    raise RuntimeError(
+        f'--cpu_replicas {count} has to split the CPU before TensorFlow starts its runtime, and '
+        f'this process has already started it ({e}); run the job in a fresh process, e.g. '
+        f'python cifar10_main.py ... --cpu_replicas {count}') from e
 
 
 def replica_devices(flags_obj):
@@ -586,10 +597,44 @@ def replica_devices(flags_obj):
   return [f'/gpu:{i}' for i in range(num_gpus)]
 
 
+def split_into_replica_batches(dataset, num_replicas, per_replica_batch):
+  """Splits every batch into ``num_replicas`` consecutive slices, empty ones included.
+
+  A finite evaluation under MirroredStrategy (graph mode) feeds the replicas the batches in
+  turn and gives up on the step in which one replica finds none left: the images another
+  replica already holds are then counted or dropped depending on which op runs first. Cutting
+  each global batch into exactly one (possibly short or empty) batch per replica makes every
+  step complete, so every image is evaluated exactly once.
+
+  Args:
+    dataset: batches of up to ``num_replicas * per_replica_batch`` elements (any structure
+      whose tensors are batched in their first dimension).
+    num_replicas: replicas fed by this pipeline.
+    per_replica_batch: elements per replica and step.
+
+  Returns:
+    A dataset with ``num_replicas`` times as many batches, of at most ``per_replica_batch``.
+  """
+  def split(*element):
+    element = element[0] if len(element) == 1 else element
+    count = tf.shape(tf.nest.flatten(element)[0])[0]
+    starts = tf.minimum(tf.range(num_replicas) * per_replica_batch, count)
+    ends = tf.minimum(starts + per_replica_batch, count)
+    return tf.data.Dataset.from_tensor_slices((starts, ends)).map(
+        lambda start, end: tf.nest.map_structure(lambda t: t[start:end], element))
+  return dataset.flat_map(split)
+
+
 def distribution_strategy(devices):
   if len(devices) == 1:
     return tf.distribute.OneDeviceStrategy(devices[0])
-  return tf.distribute.MirroredStrategy(devices)
+  cross_device_ops = None
+  if not all('gpu' in d for d in devices):
+    # MirroredStrategy's default for CPU devices, collective all-reduce, never returns from
+    # the first training step of a graph-mode Estimator (TF 2.15, logical CPU devices, even
+    # for a one-variable model). Reducing on one device works.
+    cross_device_ops = tf.distribute.ReductionToOneDevice()
+  return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
 
 
 def resolve_data_format(requested, devices):
@@ -619,7 +664,6 @@ def resnet_main(flags_obj, spec):
   Returns:
     dict with the last evaluation results (if any) and the dumped row counts per split.
   """
-  configure_cpu_replicas(flags_obj.cpu_replicas)
   devices = replica_devices(flags_obj)
   num_replicas = len(devices)
   if flags_obj.batch_size % num_replicas:
@@ -632,6 +676,8 @@ def resnet_main(flags_obj, spec):
     raise ValueError('--nois_cascaded builds the plain network, whose only classifier is '
                      f'--classifier_id {num_exits - 1}')
   built_exits(flags_obj.classifier_id, num_exits)  # Validates --classifier_id.
+  # After the checks: a bad flag should fail the same way whether or not TF has started.
+  configure_cpu_replicas(flags_obj.cpu_replicas)
   data_format = resolve_data_format(flags_obj.data_format, devices)
 
   if flags_obj.clean and tf.io.gfile.exists(flags_obj.model_dir):
@@ -688,13 +734,24 @@ def resnet_main(flags_obj, spec):
 
   def make_input_fn(is_training, split, num_epochs=1, with_labels_in_features=False):
     def input_fn(input_context=None):
-      # Under a strategy each input pipeline feeds one replica with its share of the batch.
-      batch = per_replica_batch if input_context else flags_obj.batch_size
+      # Under a strategy the replicas of one input pipeline take its batches in turn, so each
+      # batch is one replica's share of the global batch.
+      local_replicas = 1
+      if input_context:
+        local_replicas = (input_context.num_replicas_in_sync //
+                          input_context.num_input_pipelines)
+      split_for_replicas = local_replicas > 1 and not is_training
+      if input_context is None:
+        batch = flags_obj.batch_size
+      else:
+        batch = per_replica_batch * (local_replicas if split_for_replicas else 1)
       dataset = spec.input_fn(
           is_training=is_training, data_dir=flags_obj.data_dir, batch_size=batch,
           num_epochs=num_epochs, dtype=dtype, split=split,
           datasets_num_private_threads=flags_obj.datasets_num_private_threads,
           input_context=input_context)
+      if split_for_replicas:
+        dataset = split_into_replica_batches(dataset, local_replicas, per_replica_batch)
       if with_labels_in_features:
         dataset = dataset.map(lambda image, label: {'image': image, 'label': label})
       return dataset
@@ -720,10 +777,19 @@ def resnet_main(flags_obj, spec):
                list(built_exits(flags_obj.classifier_id, num_exits)),
                list(trained) if schedule else [], num_replicas, devices, data_format,
                flags_obj.batch_size)
+  latest = tf.train.latest_checkpoint(flags_obj.model_dir)
+  resumed_step = int(tf.train.load_checkpoint(latest).get_tensor('global_step')) if latest else 0
   for cycle, end_epoch in enumerate(schedule):
     max_steps = end_epoch * steps_per_epoch
     if flags_obj.max_train_steps:
       max_steps = min(max_steps, flags_obj.max_train_steps)
+    last_cycle = cycle == len(schedule) - 1 or (
+        flags_obj.max_train_steps and max_steps >= flags_obj.max_train_steps)
+    if max_steps <= resumed_step and not last_cycle:
+      # A rerun after a kill: this cycle was trained (and evaluated) before.
+      logging.info('cycle %d/%d: done before (global step %d >= %d), skipped', cycle + 1,
+                   len(schedule), resumed_step, max_steps)
+      continue
     logging.info('cycle %d/%d: training to epoch %s (global step %d)', cycle + 1,
                  len(schedule), end_epoch, max_steps)
     # max_steps (not steps) makes a rerun after a kill resume where it stopped and end at the

@@ -1,0 +1,213 @@
+"""Tests of the real early-exit model: agreement with the offline simulation, errors, predict."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow.compat.v1 as tf
+
+import analyze_imagenet_labels as analysis
+import cascade_export
+import cascade_predict
+import cifar10_main
+import resnet_model
+from tests import run_helpers
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def fashion(tmp_path_factory):
+  """A briefly trained CIFAR ResNet-8 on Fashion-MNIST with dumps, thresholds and an export."""
+  data_dir = run_helpers.prepare_data(tmp_path_factory, train_limit=1500, test_limit=400)
+  root = tmp_path_factory.mktemp('cascade')
+  model_dir, softmax_dir = str(root / 'model'), str(root / 'softmax')
+  run_helpers.run_cifar('-dd', data_dir, '-md', model_dir, '-rs', '8', '-rv', '2', '-bs', '50',
+                        '-te', '2', '--classifier_id', 'all', '--softmax_dir', softmax_dir,
+                        '--num_gpus', '0')
+  report_dir = str(root / 'report')
+  analysis.run_analysis(softmax_dir, report_dir)
+  thresholds_file = os.path.join(report_dir, 'thresholds.json')
+  with open(thresholds_file) as f:
+    report = json.load(f)
+  # A briefly trained network may send nothing to exit 1 at any epsilon; add an entry whose
+  # thresholds (quantiles of the test confidences) split the images three ways, so the check
+  # covers every path through the cascade.
+  _, confidences, _ = _offline(softmax_dir, 'validation', [2.0, 2.0], 'top1')
+  first = _split_point(confidences[0], 2 / 3)
+  second = _split_point(confidences[1][confidences[0] < first], 1 / 2)
+  epsilon = 0.5
+  report['top1'].append({'epsilon': epsilon, 'thresholds': [first, second]})
+  with open(thresholds_file, 'w') as f:
+    json.dump(report, f)
+
+  def factory(classifier_id, data_format, dtype):
+    return cifar10_main.Cifar10Model(8, 2, data_format, classifier_id, dtype)
+
+  export_dir = cascade_export.export_cascade(
+      tf.train.latest_checkpoint(model_dir), factory, (32, 32, 3), thresholds_file, epsilon,
+      'top1', str(root / 'export'), 'cifar10')
+  return {'data_dir': data_dir, 'softmax_dir': softmax_dir, 'thresholds': thresholds_file,
+          'epsilon': epsilon, 'export_dir': export_dir, 'factory': factory,
+          'model_dir': model_dir, 'root': root}
+
+
+def _split_point(values, fraction):
+  """A threshold near the ``fraction`` quantile, midway across the widest nearby gap."""
+  ordered = np.unique(values)
+  middle = int(fraction * (len(ordered) - 1))
+  low, high = max(middle - 20, 0), min(middle + 20, len(ordered) - 1)
+  gaps = np.diff(ordered[low:high + 1])
+  i = low + int(np.argmax(gaps))
+  return float((ordered[i] + ordered[i + 1]) / 2)
+
+
+def _run_saved_model(export_dir, images, signature='serving_default'):
+  """Runs a signature of the SavedModel in a fresh graph; returns its outputs as numpy."""
+  with tf.Graph().as_default(), tf.Session() as sess:
+    meta = tf.saved_model.loader.load(sess, ['serve'], export_dir)
+    sig = meta.signature_def[signature]
+    feed = {sig.inputs['images'].name: images}
+    names = sorted(sig.outputs)
+    values = sess.run([sig.outputs[n].name for n in names], feed)
+  return dict(zip(names, values, strict=True))
+
+
+def _offline(softmax_dir, split, thresholds, mode):
+  probabilities = [np.load(os.path.join(softmax_dir, split, 'clf{}_probabilities.npy'.format(k)))
+                   for k in range(3)]
+  confidences = np.stack([analysis.confidence(p, mode) for p in probabilities])
+  return probabilities, confidences, analysis.cascade_exit_index(confidences, thresholds)
+
+
+def test_exported_cascade_takes_the_exits_the_offline_simulation_predicts(fashion):
+  images = run_helpers.read_images(fashion['data_dir'], 'validation', 400)
+  outputs = _run_saved_model(fashion['export_dir'], images)
+  thresholds = analysis.load_thresholds(fashion['thresholds'], fashion['epsilon'])
+  probabilities, confidences, offline_exit = _offline(fashion['softmax_dir'], 'validation',
+                                                      thresholds, 'top1')
+  # Every exit is used, so the comparison covers the gather/scatter of all three paths.
+  assert set(np.unique(outputs['exit'])) == {0, 1, 2}
+  # The dump and the cascade compute the same probabilities in differently sized batches; an
+  # image whose confidence sits within float noise of a threshold may go either way.
+  near = np.zeros(len(images), bool)
+  for k, threshold in enumerate(thresholds):
+    near |= np.abs(confidences[k] - threshold) < 1e-6
+  assert near.sum() <= 2
+  np.testing.assert_array_equal(outputs['exit'][~near], offline_exit[~near])
+  chosen = np.stack(probabilities)[outputs['exit'], np.arange(len(images))]
+  np.testing.assert_allclose(outputs['probabilities'], chosen, atol=1e-5)
+  np.testing.assert_array_equal(outputs['classes'][~near], chosen.argmax(1)[~near])
+  stage_macs = cifar10_main.Cifar10Model(8, 2).stage_macs(32, 32)
+  np.testing.assert_array_equal(outputs['macs'], np.cumsum(stage_macs)[outputs['exit']])
+  np.testing.assert_array_equal(outputs['top5_classes'][:, 0], outputs['classes'])
+
+
+def test_full_signature_is_the_plain_network(fashion):
+  images = run_helpers.read_images(fashion['data_dir'], 'validation', 64)
+  outputs = _run_saved_model(fashion['export_dir'], images, 'full')
+  final = np.load(os.path.join(fashion['softmax_dir'], 'validation', 'clf2_probabilities.npy'))
+  np.testing.assert_allclose(outputs['probabilities'], final[:64], atol=1e-5)
+  assert (outputs['exit'] == 2).all()
+  assert (outputs['macs'] == cifar10_main.Cifar10Model(8, 2).plain_macs(32, 32)).all()
+
+
+def test_top5_confidence_is_bit_identical_to_the_analysis():
+  rng = np.random.RandomState(0)
+  logits = rng.normal(0, 3, [500, 1001]).astype(np.float32)
+  probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  probabilities = probabilities.astype(np.float32)
+  with tf.Graph().as_default(), tf.Session() as sess:
+    ours = sess.run({m: cascade_export.confidence(tf.constant(probabilities), m)
+                     for m in ('top1', 'top5')})
+  for mode in ('top1', 'top5'):
+    np.testing.assert_array_equal(ours[mode], analysis.confidence(probabilities, mode))
+
+
+def test_thresholds_of_another_model_are_refused(fashion, tmp_path):
+  with open(fashion['thresholds']) as f:
+    report = json.load(f)
+  report['num_classes'] = 1001
+  wrong = tmp_path / 'thresholds.json'
+  wrong.write_text(json.dumps(report))
+  with pytest.raises(ValueError, match='1001 classes .the model has 10.'):
+    cascade_export.export_cascade(
+        tf.train.latest_checkpoint(fashion['model_dir']), fashion['factory'], (32, 32, 3),
+        str(wrong), fashion['epsilon'], 'top1', str(tmp_path / 'export'), 'cifar10')
+  report['num_classes'], report['num_exits'] = 10, 4
+  wrong.write_text(json.dumps(report))
+  with pytest.raises(ValueError, match='4 exits'):
+    cascade_export.export_cascade(
+        tf.train.latest_checkpoint(fashion['model_dir']), fashion['factory'], (32, 32, 3),
+        str(wrong), fashion['epsilon'], 'top1', str(tmp_path / 'export'), 'cifar10')
+  assert not (tmp_path / 'export').exists()
+
+
+def test_epsilon_not_in_the_file_lists_the_available_ones(fashion, tmp_path):
+  with pytest.raises(ValueError, match='no top1 thresholds for epsilon 0.333; available: 0,'):
+    cascade_export.export_cascade(
+        tf.train.latest_checkpoint(fashion['model_dir']), fashion['factory'], (32, 32, 3),
+        fashion['thresholds'], 0.333, 'top1', str(tmp_path / 'export'), 'cifar10')
+
+
+def test_cascade_predict_reports_a_corrupt_jpeg_and_classifies_the_rest(fashion, tmp_path):
+  from PIL import Image
+  raw = np.fromfile(cifar10_main.get_filenames('validation', fashion['data_dir'])[0], np.uint8)
+  records = raw.reshape(-1, cifar10_main.RECORD_BYTES)[:3]
+  folder = tmp_path / 'photos'
+  folder.mkdir()
+  for i, record in enumerate(records):
+    image = record[1:].reshape(3, 32, 32).transpose(1, 2, 0)
+    Image.fromarray(image).save(folder / 'good{}.png'.format(i))
+  (folder / 'broken.jpg').write_bytes((folder / 'good0.png').read_bytes()[:60])
+  out = io.StringIO()
+  batches = cascade_predict.jpeg_batches(cascade_predict.list_images([str(folder)]), 2)
+  summary = cascade_predict.run(fashion['export_dir'], batches, compare_full=True, out=out)
+  assert summary['images'] == 3
+  assert abs(sum(summary['exit_shares']) - 1) < 1e-9
+  assert summary['agreement_with_full'] >= 0
+  assert 'good1.png: exit' in out.getvalue()
+  assert 'broken' not in out.getvalue()
+
+
+def test_cascade_predict_command_line_names_the_bad_file(fashion, tmp_path):
+  (tmp_path / 'bad.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO_DIR, 'cascade_predict.py'), '--saved_model',
+       os.path.dirname(fashion['export_dir']), str(tmp_path / 'bad.jpg')],
+      capture_output=True, text=True, cwd=REPO_DIR, timeout=300, check=False,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+  assert result.returncode != 0
+  assert 'skipping {}: not a decodable image'.format(tmp_path / 'bad.jpg') in result.stderr
+  assert 'no image could be classified' in result.stderr
+
+
+def test_imagenet_layout_cascade_gathers_and_scatters_in_input_order():
+  """A small ImageNet ResNet with thresholds that split the batch three ways."""
+  model = resnet_model.imagenet_model(18, 2, 1001, 'channels_last', 'all')
+  rng = np.random.RandomState(1)
+  images = rng.normal(0, 1, [24, 64, 64, 3]).astype(np.float32)
+  with tf.Graph().as_default(), tf.Session() as sess:
+    placeholder = tf.placeholder(tf.float32, [None, 64, 64, 3])
+    thresholds = tf.placeholder(tf.float32, [2])
+    cascade = cascade_export.build_cascade(model, placeholder, thresholds, 'top5')
+    with tf.variable_scope(tf.get_variable_scope(), reuse=True):
+      every = model(placeholder, training=False)
+    sess.run(tf.global_variables_initializer())
+    probabilities = sess.run({k: tf.nn.softmax(v) for k, v in every.items()},
+                             {placeholder: images})
+    confidences = np.stack([analysis.confidence(probabilities[k], 'top5') for k in range(3)])
+    # Thresholds between confidences: about a third leave at exit 0, a third at exit 1.
+    t0 = float(np.sort(confidences[0])[16]) - 1e-7
+    stay = confidences[0] < t0
+    t1 = float(np.sort(confidences[1][stay])[stay.sum() // 2]) - 1e-7
+    outputs = sess.run(cascade, {placeholder: images, thresholds: [t0, t1]})
+  expected_exit = analysis.cascade_exit_index(confidences, [t0, t1])
+  assert sorted(set(expected_exit)) == [0, 1, 2]
+  np.testing.assert_array_equal(outputs['exit'], expected_exit)
+  expected = np.stack([probabilities[k] for k in range(3)])[expected_exit, np.arange(24)]
+  np.testing.assert_allclose(outputs['probabilities'], expected, atol=1e-5)

@@ -344,7 +344,7 @@ def run_cifar(flags_obj):
 
   def model_factory(classifier_id, data_format, dtype):
     return Cifar10Model(flags_obj.resnet_size, flags_obj.resnet_version, data_format,
-                        classifier_id, dtype)
+                        classifier_id, dtype, batch_norm_decay=flags_obj.batch_norm_decay)
 
   spec = resnet_run_loop.DatasetSpec(
       name='cifar10', input_fn=input_function, model_factory=model_factory,
@@ -355,7 +355,7 @@ def run_cifar(flags_obj):
 
 
 def main(_):
-  run_cifar(flags.FLAGS)
+  resnet_run_loop.exit_on_user_error(run_cifar, flags.FLAGS)
 
 
 if __name__ == '__main__':

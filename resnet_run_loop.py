@@ -11,15 +11,18 @@ passes its input function, its model factory, its learning-rate schedule and its
   resumable to the same final global step;
 * evaluate, on one device or with ``MirroredStrategy`` over several;
 * dump every requested exit's softmax for the validation and training splits in the layout of
-  ``dump_layout``, all exits from one forward pass;
+  ``dump_layout``, all exits from one forward pass, on one device or with the same
+  ``MirroredStrategy`` (``predict_with_strategy``: ``Estimator.predict`` has no strategies);
 * export a SavedModel.
 """
 
 import dataclasses
 import functools
+import inspect
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 
@@ -27,6 +30,8 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 from absl import flags, logging
 
+import analyze_imagenet_labels as analysis
+import cascade_export
 import dump_layout
 import resnet_model
 
@@ -479,13 +484,109 @@ class ExamplesPerSecondHook(tf.train.SessionRunHook):
 ################################################################################
 # Softmax dumps.
 ################################################################################
+def predict_with_strategy(strategy, model_fn, input_fn, checkpoint, session_config=None):
+  """Predicts on every replica of ``strategy`` at once (graph mode), batch by batch.
+
+  ``Estimator.predict`` ignores distribution strategies and predicts on one device; this
+  builds the PREDICT graph once per replica under ``strategy`` instead, restores
+  ``checkpoint`` and runs the replicas side by side until the input ends.
+
+  Args:
+    strategy: a tf.compat.v1 distribution strategy, e.g. MirroredStrategy over N devices.
+    model_fn: (features, labels, mode) -> EstimatorSpec whose ``predictions`` is a dict of
+      [batch, ...] tensors.
+    input_fn: (input_context) -> dataset of feature batches that hands the replicas their
+      batches in turn, so every step gives each replica exactly one (possibly empty) batch
+      (see ``split_into_replica_batches``). With a dataset that ends in mid-step, the replicas
+      still holding a batch in that step would drop it.
+    checkpoint: the checkpoint prefix to restore.
+    session_config: tf.ConfigProto of the session, or None.
+
+  Returns:
+    (devices, batches): the device of each replica's predictions, in replica order; and a
+    generator that restores the checkpoint when first advanced, then yields per step a pair
+    (dict name -> numpy [global batch, ...] with replica 0's rows first, i.e. in input order,
+    as ``Estimator.predict(yield_single_examples=False)`` gives; the number of rows of each
+    replica).
+  """
+  graph = tf.Graph()
+  with graph.as_default(), strategy.scope():
+    iterator = strategy.make_input_fn_iterator(input_fn)
+    features = iterator.get_next()
+
+    def replica_fn(replica_features):
+      return model_fn(replica_features, None, tf.estimator.ModeKeys.PREDICT).predictions
+    per_replica = strategy.extended.call_for_each_replica(replica_fn, args=(features,))
+    # One dict per replica, in replica order. Fetching them apart and concatenating in numpy
+    # (not with tf.concat on one device) adds no cross-device copy and counts each replica's rows.
+    replica_outputs = [dict(zip(per_replica, values, strict=True)) for values in zip(
+        *(strategy.experimental_local_results(t) for t in per_replica.values()), strict=True)]
+    devices = [next(iter(outputs.values())).device for outputs in replica_outputs]
+    saver = tf.train.Saver()
+    initializer = iterator.initialize()
+  graph.finalize()
+
+  def batches():
+    with tf.Session(graph=graph, config=session_config) as sess:
+      saver.restore(sess, checkpoint)
+      sess.run(initializer)
+      while True:
+        try:
+          outputs = sess.run(replica_outputs)
+        except tf.errors.OutOfRangeError:
+          return
+        rows = [len(next(iter(o.values()))) for o in outputs]
+        yield {name: np.concatenate([o[name] for o in outputs]) for name in outputs[0]}, rows
+  return devices, batches()
+
+
+def _predict_batches(estimator, input_fn, split):
+  """The estimator's prediction batches, on every replica of its evaluation strategy.
+
+  Yields:
+    dicts name -> numpy [batch, ...], in input order.
+  """
+  strategy = estimator.config.eval_distribute
+  if strategy is None or strategy.num_replicas_in_sync == 1:
+    # Estimator.predict places the graph by TF's default: the first GPU if there is one.
+    default_device = '/gpu:0' if tf.config.list_logical_devices('GPU') else '/cpu:0'
+    logging.info('dump %s: predicting on one device (Estimator.predict, %s)', split,
+                 default_device)
+    yield from estimator.predict(input_fn, yield_single_examples=False)
+    return
+  checkpoint = tf.train.latest_checkpoint(estimator.model_dir)
+  if not checkpoint:
+    raise ValueError(f'{estimator.model_dir} holds no checkpoint to dump the softmax of; train '
+                     'first or pass --pretrained_model_checkpoint_path')
+  if 'input_context' not in inspect.signature(input_fn).parameters:
+    raise TypeError('a dump over several replicas needs an input_fn(input_context) that splits '
+                    'each global batch into one batch per replica (split_into_replica_batches)')
+
+  def model_fn(features, labels, mode):
+    return estimator.model_fn(features, labels, mode, estimator.config)
+  devices, batches = predict_with_strategy(strategy, model_fn, input_fn, checkpoint,
+                                           estimator.config.session_config)
+  logging.info('dump %s: predicting with %s on %d replicas: %s', split,
+               type(strategy).__name__, len(devices), ', '.join(devices))
+  replica_rows = [0] * len(devices)
+  for batch, rows in batches:
+    replica_rows = [total + new for total, new in zip(replica_rows, rows, strict=True)]
+    yield batch
+  logging.info('dump %s: images predicted per replica: %s', split,
+               ', '.join(f'{device}: {count}'
+                         for device, count in zip(devices, replica_rows, strict=True)))
+
+
 def dump_softmax(estimator, input_fn, softmax_dir, split, exits, manifest_common,
                  expected_images=None):
   """Writes ``split``'s labels and every exit's probabilities, all from one forward pass.
 
   Args:
-    estimator: the Estimator; its model_dir checkpoint is used.
-    input_fn: () -> dataset of ({'image', 'label'}) batches, fixed order, each image once.
+    estimator: the Estimator; its model_dir's latest checkpoint is used, on every replica of
+      its evaluation strategy (``Estimator.predict`` when there is one replica).
+    input_fn: (input_context=None) -> dataset of ({'image', 'label'}) batches, fixed order,
+      each image once; over several replicas, one batch per replica and step (see
+      ``predict_with_strategy``).
     softmax_dir: the dump folder (see dump_layout).
     split: 'validation' or 'train'.
     exits: exit ids to write.
@@ -503,7 +604,7 @@ def dump_softmax(estimator, input_fn, softmax_dir, split, exits, manifest_common
         dump_layout.probabilities_path(softmax_dir, split, exit_id), np.float32, (num_classes,))
   start = time.time()
   try:
-    for batch in estimator.predict(input_fn, yield_single_examples=False):
+    for batch in _predict_batches(estimator, input_fn, split):
       writers['label'].write(batch['label'])
       for exit_id in exits:
         writers[exit_id].write(batch[f'clf{exit_id}_probabilities'])
@@ -676,6 +777,15 @@ def resnet_main(flags_obj, spec):
     raise ValueError('--nois_cascaded builds the plain network, whose only classifier is '
                      f'--classifier_id {num_exits - 1}')
   built_exits(flags_obj.classifier_id, num_exits)  # Validates --classifier_id.
+  if flags_obj.export_cascade_dir:
+    # Check the thresholds before hours of training, not after.
+    if not flags_obj.cascade_thresholds:
+      raise ValueError('--export_cascade_dir needs --cascade_thresholds (the thresholds.json '
+                       'written by analyze_imagenet_labels.py) and --epsilon')
+    cascade_export.check_thresholds_fit(
+        flags_obj.cascade_thresholds, spec.model_factory('all', 'channels_last', tf.float32))
+    analysis.load_thresholds(flags_obj.cascade_thresholds, flags_obj.epsilon,
+                             flags_obj.cascade_mode)
   # After the checks: a bad flag should fail the same way whether or not TF has started.
   configure_cpu_replicas(flags_obj.cpu_replicas)
   data_format = resolve_data_format(flags_obj.data_format, devices)
@@ -838,7 +948,26 @@ def resnet_main(flags_obj, spec):
 
   if flags_obj.export_dir:
     export_model(estimator, spec, flags_obj)
+  if flags_obj.export_cascade_dir:
+    results['cascade_export'] = cascade_export.export_cascade(
+        tf.train.latest_checkpoint(flags_obj.model_dir), spec.model_factory, spec.image_shape,
+        flags_obj.cascade_thresholds, flags_obj.epsilon, flags_obj.cascade_mode,
+        flags_obj.export_cascade_dir, spec.name, data_format,
+        spec.image_bytes_serving_fn if flags_obj.image_bytes_as_serving_input else None)
   return results
+
+
+def exit_on_user_error(job, flags_obj):
+  """Runs ``job(flags_obj)``; a bad flag, file or checkpoint ends in one 'error:' line.
+
+  Such errors are the user's to fix and their messages say how, so the traceback only goes to
+  the debug log (``--verbosity=1`` shows it).
+  """
+  try:
+    return job(flags_obj)
+  except (ValueError, FileNotFoundError) as e:
+    logging.debug('traceback of the error below', exc_info=True)
+    sys.exit('error: {}'.format(e))
 
 
 def _replica0_name(name, num_replicas):
@@ -957,6 +1086,17 @@ def define_resnet_flags(resnet_size_choices, default_resnet_size='50', default_t
                       "('' to skip dumping).")
   define('boolean')('dump_train', True, 'Also dump the training split (in a fixed order, '
                        'eval preprocessing); --nodump_train skips it.')
+  define('float')('batch_norm_decay', resnet_model.BATCH_NORM_DECAY, 'Decay of the BN moving '
+                  'averages (official: 0.997; short runs such as the CPU demo need less, e.g. '
+                  '0.9, or evaluation sees unconverged statistics).')
+  define('string')('export_cascade_dir', None, 'Export the real early-exit cascade (a '
+                   'SavedModel that skips the layers confident images do not need) here.')
+  define('string')('cascade_thresholds', None, 'thresholds.json from analyze_imagenet_labels.py '
+                   'for --export_cascade_dir.')
+  define('float')('epsilon', 0.05, 'Accuracy budget whose thresholds the exported cascade uses '
+                  '(a fraction listed in --cascade_thresholds).')
+  define('enum')('cascade_mode', 'top1', ['top1', 'top5'], 'Confidence of the exported cascade: '
+                 'largest probability (top1) or sum of the five largest (top5).')
 
   def classifier_id_is_valid(value):
     try:

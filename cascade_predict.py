@@ -216,13 +216,16 @@ def run(saved_model, batches, compare_full=False, print_limit=20, max_images=Non
 
 
 def main(argv):
-  if FLAGS.data_dir:
-    batches = tfrecord_batches(FLAGS.data_dir, FLAGS.split, FLAGS.batch_size)
-  else:
-    if len(argv) < 2:
-      raise app.UsageError('name JPEG files or folders, or pass --data_dir and --split')
-    batches = jpeg_batches(list_images(argv[1:]), FLAGS.batch_size)
-  run(FLAGS.saved_model, batches, FLAGS.compare_full, FLAGS.print_limit, FLAGS.max_images)
+  if not FLAGS.data_dir and len(argv) < 2:
+    raise app.UsageError('name JPEG files or folders, or pass --data_dir and --split')
+  try:
+    if FLAGS.data_dir:
+      batches = tfrecord_batches(FLAGS.data_dir, FLAGS.split, FLAGS.batch_size)
+    else:
+      batches = jpeg_batches(list_images(argv[1:]), FLAGS.batch_size)
+    run(FLAGS.saved_model, batches, FLAGS.compare_full, FLAGS.print_limit, FLAGS.max_images)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit('error: {}'.format(e))
 
 
 if __name__ == '__main__':

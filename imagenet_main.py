@@ -15,6 +15,7 @@ Example (the original README's evaluation of the final classifier)::
 """
 
 import functools
+import json
 import os
 
 import tensorflow.compat.v1 as tf
@@ -23,6 +24,7 @@ from absl import app, flags, logging
 import imagenet_preprocessing
 import resnet_model
 import resnet_run_loop
+from Imagenet_tools import imagenet_to_tfrecords
 
 DEFAULT_IMAGE_SIZE = 224
 NUM_CHANNELS = 3
@@ -71,12 +73,39 @@ def get_filenames(split, data_dir):
 
 
 def count_images(split, data_dir):
-  """Images of a split: the official count for a full conversion, else counted from the records."""
+  """Images of a split: the official count for a full conversion, else the converter's count.
+
+  A partial or miniature conversion is counted from the converter's manifest
+  (``<split>/conversion_manifest.json``) when it lists every shard found, and otherwise by
+  reading the records (slow only for large partial conversions without a manifest).
+  """
   files = get_filenames(split, data_dir)
   if len(files) == NUM_SHARDS[split]:
     return NUM_IMAGES[split]
-  # A partial or miniature conversion: counting its records is cheap.
+  counted = _manifest_counts(files)
+  if counted is not None:
+    return counted
   return sum(1 for f in files for _ in tf.data.TFRecordDataset(f).as_numpy_iterator())
+
+
+def _manifest_counts(files):
+  """Sum of the converter manifest's image counts of ``files``, or None if it lacks any."""
+  total = 0
+  manifests = {}
+  for path in files:
+    directory, name = os.path.split(path)
+    if directory not in manifests:
+      manifest_file = os.path.join(directory, imagenet_to_tfrecords.MANIFEST_NAME)
+      try:
+        with tf.io.gfile.GFile(manifest_file) as f:
+          manifests[directory] = json.load(f).get('shards', {})
+      except (tf.errors.NotFoundError, ValueError, AttributeError):
+        manifests[directory] = {}
+    entry = manifests[directory].get(name)
+    if not isinstance(entry, dict) or not isinstance(entry.get('images'), int):
+      return None
+    total += entry['images']
+  return total
 
 
 def parse_example_proto(example_serialized):
@@ -173,10 +202,25 @@ def define_imagenet_flags(flag_values=flags.FLAGS):
                        flag_values=flag_values)
 
 
+def check_image_size(image_size, resnet_size, resnet_version):
+  """Raises a ValueError naming --image_size unless the exit heads can pool such images."""
+  model = resnet_model.imagenet_model(resnet_size, resnet_version, NUM_CLASSES, 'channels_last')
+  if image_size < 32:
+    raise ValueError(f'--image_size {image_size} is too small: use a multiple of 32 such as '
+                     f'{DEFAULT_IMAGE_SIZE}')
+  try:
+    model.validate_input_size(image_size, image_size)
+  except ValueError as e:
+    raise ValueError(f'--image_size {image_size} does not fit the exit heads: {e}; e.g. '
+                     f'--image_size {max(32, image_size // 32 * 32)}') from None
+
+
 def run_imagenet(flags_obj):
   """Evaluates, fine-tunes, dumps and exports as the flags say."""
   resnet_run_loop.apply_flag_defaults(flags_obj)
   image_size = flags_obj.image_size
+  # Before anything reads data or writes a checkpoint.
+  check_image_size(image_size, flags_obj.resnet_size, flags_obj.resnet_version)
   if flags_obj.use_synthetic_data:
     input_function = resnet_run_loop.get_synth_input_fn(image_size, image_size, NUM_CHANNELS,
                                                         NUM_CLASSES)
@@ -191,14 +235,13 @@ def run_imagenet(flags_obj):
   def model_factory(classifier_id, data_format, dtype):
     return resnet_model.imagenet_model(
         flags_obj.resnet_size, flags_obj.resnet_version, NUM_CLASSES, data_format,
-        classifier_id, dtype)
+        classifier_id, dtype, batch_norm_decay=flags_obj.batch_norm_decay)
 
   def image_bytes_serving_fn(image_bytes):
     return imagenet_preprocessing.preprocess_image(
         image_bytes, tf.zeros([1, 0, 4]), image_size, image_size, NUM_CHANNELS,
         is_training=False)
 
-  model_factory(None, 'channels_last', tf.float32).validate_input_size(image_size, image_size)
   spec = resnet_run_loop.DatasetSpec(
       name=DATASET_NAME, input_fn=input_function, model_factory=model_factory,
       learning_rate_fn=functools.partial(learning_rate_fn, num_train_images=num_images['train']),
@@ -208,7 +251,7 @@ def run_imagenet(flags_obj):
 
 
 def main(_):
-  run_imagenet(flags.FLAGS)
+  resnet_run_loop.exit_on_user_error(run_imagenet, flags.FLAGS)
 
 
 if __name__ == '__main__':

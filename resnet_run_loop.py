@@ -875,7 +875,7 @@ def resnet_main(flags_obj, spec):
     for exit_id in trained:
       tensors[f'clf{exit_id}_train_accuracy'] = f'clf{exit_id}_train_accuracy'
     train_hooks.append(tf.estimator.LoggingTensorHook(
-        tensors={k: _replica0_name(v, num_replicas) for k, v in tensors.items()},
+        tensors=tensors,
         every_n_iter=flags_obj.log_every_n_steps))
 
   results = {'eval': None, 'dumped': {}}
@@ -968,11 +968,6 @@ def exit_on_user_error(job, flags_obj):
   except (ValueError, FileNotFoundError) as e:
     logging.debug('traceback of the error below', exc_info=True)
     sys.exit('error: {}'.format(e))
-
-
-def _replica0_name(name, num_replicas):
-  del num_replicas  # Replica 0's ops carry the plain names.
-  return name
 
 
 def _format_metrics(metrics):

@@ -123,19 +123,30 @@ def write_manifest(softmax_dir, manifest):
   os.replace(path + '.partial', path)
 
 
+# Facts of the run that wrote a dump, as opposed to facts of the model and data set.
+RUN_FIELDS = ('checkpoint', 'global_step', 'pretrained_global_step')
+
+
 def merge_manifest(softmax_dir, split, num_images, exit_ids, common):
   """Records that ``split`` now holds ``num_images`` rows for ``exit_ids``.
 
   ``common`` holds the split-independent facts (model, checkpoint, global step, num_classes,
   stage_macs, ...). Exits written earlier by another run stay listed, so runs for different
-  classifier ids can share one folder.
+  classifier ids can share one folder. The top-level run fields (``RUN_FIELDS``) describe the
+  latest run; ``exit_sources[split][exit]`` keeps, for every file, the run that wrote it.
   """
   manifest = read_manifest(softmax_dir) or {}
+  for field in RUN_FIELDS:
+    manifest.pop(field, None)   # A field the latest run lacks must not survive from an older one.
   manifest.update(common)
   manifest['format_version'] = MANIFEST_VERSION
   splits = manifest.setdefault('splits', {})
   entry = splits.get(split, {})
   exits = sorted(set(entry.get('exits', [])) | {int(k) for k in exit_ids})
   splits[split] = {'num_images': int(num_images), 'exits': exits}
+  run = {field: common[field] for field in RUN_FIELDS if field in common}
+  sources = manifest.setdefault('exit_sources', {}).setdefault(split, {})
+  for exit_id in exit_ids:
+    sources[str(int(exit_id))] = run
   write_manifest(softmax_dir, manifest)
   return manifest

@@ -85,7 +85,8 @@ def count_images(split, data_dir):
   counted = _manifest_counts(files)
   if counted is not None:
     return counted
-  return sum(1 for f in files for _ in tf.data.TFRecordDataset(f).as_numpy_iterator())
+  # A plain Python reader: works whether or not the caller runs eagerly.
+  return sum(1 for f in files for _ in tf.io.tf_record_iterator(f))
 
 
 def _manifest_counts(files):

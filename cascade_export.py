@@ -19,6 +19,12 @@ and return per image: ``probabilities`` [batch, num_classes] float32, ``classes`
 ``top5_classes`` [batch, min(5, num_classes)] int32, ``exit`` [batch] int32 (the exit taken) and
 ``macs`` [batch] int64 (multiply-accumulates spent on the image).
 
+Both signatures classify a batch in consecutive chunks of ``chunk_size`` images (default 8; 0 runs
+the whole batch at once). On a CPU the early, large feature maps of a big batch overflow the
+caches: ResNet-50 v2 spends ~40% more time per image in its stem and groups 1-2 at batch 32 than
+at batch 8, so chunks make the plain network ~20% faster and let the cascade's savings follow its
+MAC counts. GPUs prefer whole batches: export those with a chunk size of 0.
+
 A ``cascade_info.json`` beside ``saved_model.pb`` records the data set, input kind, image shape,
 mode, epsilon, thresholds and MAC counts for ``cascade_predict.py``.
 """
@@ -34,6 +40,10 @@ import analyze_imagenet_labels as analysis
 
 CASCADE_INFO = 'cascade_info.json'
 TOP_K = 5
+DEFAULT_CHUNK_SIZE = 8
+# dtype of each per-image output (see _per_image_outputs).
+OUTPUT_DTYPES = {'probabilities': tf.float32, 'classes': tf.int64, 'top5_classes': tf.int32,
+                 'exit': tf.int32, 'macs': tf.int64}
 
 
 def confidence(probabilities, mode):
@@ -115,6 +125,41 @@ def build_cascade(model, images, thresholds, mode):
   return _per_image_outputs(probabilities, exit_taken, cumulative_macs)
 
 
+def in_chunks(build, images, chunk_size):
+  """Applies ``build`` to consecutive chunks of the batch, one after the other.
+
+  Args:
+    build: [n, height, width, channels] images -> dict of per-image outputs (OUTPUT_DTYPES keys,
+      first dimension n); it must only reuse variables, as it is called inside a loop.
+    images: [batch, height, width, channels] float tensor.
+    chunk_size: images per chunk (the last one may be smaller); 0 or None: the whole batch.
+
+  Returns:
+    the outputs of ``build`` for the whole batch, in input order.
+  """
+  if not chunk_size:
+    return build(images)
+  batch = tf.shape(images)[0]
+  num_chunks = (batch + chunk_size - 1) // chunk_size
+  arrays = {key: tf.TensorArray(dtype, size=num_chunks, infer_shape=False)
+            for key, dtype in OUTPUT_DTYPES.items()}
+  static_shapes = {}
+
+  def body(i, arrays):
+    outputs = build(images[i * chunk_size:(i + 1) * chunk_size])
+    static_shapes.update({key: value.shape for key, value in outputs.items()})
+    return i + 1, {key: arrays[key].write(i, outputs[key]) for key in arrays}
+
+  # parallel_iterations=1: chunks run one at a time, which is the point of chunking.
+  _, arrays = tf.while_loop(lambda i, _: i < num_chunks, body, [0, arrays],
+                            parallel_iterations=1)
+  results = {}
+  for key, array in arrays.items():
+    results[key] = array.concat()
+    results[key].set_shape(static_shapes[key])
+  return results
+
+
 def build_full(model, images):
   """The plain network on every image, with outputs shaped like the cascade's."""
   height, width = images.shape.as_list()[1:3]
@@ -124,6 +169,29 @@ def build_full(model, images):
   plain = model.plain_macs(height, width)
   macs = [plain] * model.num_exits   # Every image pays the plain network's cost.
   return _per_image_outputs(probabilities, exit_taken, macs)
+
+
+def build_signatures(model, plain_model, images, thresholds, mode, chunk_size):
+  """The cascade and the plain network on ``images``, both in chunks of ``chunk_size``.
+
+  Args:
+    model: resnet_model.Model with every exit; plain_model: the same network without exit heads.
+    images, thresholds, mode: as for build_cascade.
+    chunk_size: see in_chunks.
+
+  Returns:
+    (cascade outputs, plain network outputs), dicts of per-image tensors.
+  """
+  # Variables are created once, outside the loops (a loop body may only reuse them); the plain
+  # network shares them (same names, same creation order). The creating call's ops never run.
+  if chunk_size:
+    model(images[:1], training=False)
+  with tf.variable_scope(tf.get_variable_scope(), reuse=True if chunk_size else None):
+    cascade = in_chunks(lambda part: build_cascade(model, part, thresholds, mode), images,
+                        chunk_size)
+  with tf.variable_scope(tf.get_variable_scope(), reuse=True):
+    full = in_chunks(lambda part: build_full(plain_model, part), images, chunk_size)
+  return cascade, full
 
 
 def check_thresholds_fit(thresholds_file, model):
@@ -146,7 +214,7 @@ def check_thresholds_fit(thresholds_file, model):
 
 def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsilon, mode,
                    export_dir_base, dataset, data_format='channels_last',
-                   image_bytes_fn=None):
+                   image_bytes_fn=None, chunk_size=DEFAULT_CHUNK_SIZE):
   """Writes the cascade SavedModel into a new timestamped folder under ``export_dir_base``.
 
   Args:
@@ -160,6 +228,8 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
     dataset: data set name, recorded for cascade_predict.py.
     data_format: layout of the activations in the exported graph.
     image_bytes_fn: JPEG bytes -> preprocessed image; when given, the model takes JPEG bytes.
+    chunk_size: images the SavedModel classifies at a time (see the module docstring); 0: the
+      whole batch.
 
   Returns:
     The folder of the SavedModel.
@@ -183,10 +253,8 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
       inputs = tf.placeholder(tf.float32, [None, height, width, channels], name='images')
       images = inputs
       input_key = 'images'
-    cascade = build_cascade(model, images, thresholds, mode)
-    # The plain network reuses the cascade's variables (same names, same creation order).
-    with tf.variable_scope(tf.get_variable_scope(), reuse=True):
-      full = build_full(model_factory(None, data_format, tf.float32), images)
+    cascade, full = build_signatures(model, model_factory(None, data_format, tf.float32),
+                                     images, thresholds, mode, chunk_size)
     signatures = {
         name: tf.saved_model.signature_def_utils.predict_signature_def(
             inputs={input_key: inputs}, outputs=outputs)
@@ -204,6 +272,7 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
       'mode': mode,
       'epsilon': float(epsilon),
       'thresholds': thresholds,
+      'chunk_size': chunk_size or 0,
       'num_classes': model.num_classes,
       'num_exits': model.num_exits,
       'stage_macs': model.stage_macs(height, width),

@@ -11,6 +11,9 @@ confidences measured on the batch itself, to make a chosen share of images leave
 ('none' never exits early). Targets: measured >= 0.9 x predicted at batch 32 and 256; with no early
 exit, the cascade at most 3% slower than the plain network.
 
+Both models run at each chunk size of --chunk_sizes: 0 classifies the whole batch at once, N > 0
+in consecutive chunks of N images, as the exported SavedModel does by default (cascade_export).
+
     python benchmarks/cascade_speedup.py                      # ResNet-50 v2, 224x224
     python benchmarks/cascade_speedup.py --image_size 128 --reps 3
 """
@@ -34,6 +37,8 @@ flags.DEFINE_integer('resnet_size', 50, 'ImageNet ResNet depth.')
 flags.DEFINE_integer('image_size', 224, 'Image side (a multiple of 32).')
 flags.DEFINE_list('batch_sizes', ['1', '32', '256'], 'Batch sizes to measure.')
 flags.DEFINE_integer('reps', 5, 'Timed calls per model, setting and batch size (batch 1: x10).')
+flags.DEFINE_list('chunk_sizes', ['0', str(cascade_export.DEFAULT_CHUNK_SIZE)],
+                  'Chunk sizes of both models (0: the whole batch at once).')
 flags.DEFINE_string('settings', 'none:0:0,quarter:0.25:0.25,half:0.5:0.2,most:0.7:0.2',
                     'name:share leaving at exit 0:share of the rest leaving at exit 1, ...')
 
@@ -45,28 +50,27 @@ def main(_):
   stage = model.stage_macs(size, size)
   cumulative = np.cumsum(stage)
   plain_macs = model.plain_macs(size, size)
+  chunk_sizes = [int(c) for c in FLAGS.chunk_sizes]
+  plain_model = resnet_model.imagenet_model(FLAGS.resnet_size, 2, 1001, 'channels_last')
   graph = tf.Graph()
   with graph.as_default():
     images = tf.placeholder(tf.float32, [None, size, size, 3])
     thresholds = tf.placeholder(tf.float32, [2])
-    cascade = cascade_export.build_cascade(model, images, thresholds, 'top1')
-    with tf.variable_scope(tf.get_variable_scope(), reuse=True):
-      full = cascade_export.build_full(
-          resnet_model.imagenet_model(FLAGS.resnet_size, 2, 1001, 'channels_last'), images)
-      every_exit = model(images, training=False)
+    every_exit = model(images, training=False)   # Creates the variables; gives the confidences.
     confidences = [cascade_export.confidence(tf.nn.softmax(every_exit[k]), 'top1')
                    for k in (0, 1)]
+    signatures = {}
+    with tf.variable_scope(tf.get_variable_scope(), reuse=True):
+      for chunk in chunk_sizes:
+        signatures[chunk] = cascade_export.build_signatures(model, plain_model, images,
+                                                            thresholds, 'top1', chunk)
     sess = tf.Session()
     sess.run(tf.global_variables_initializer())
 
-  def timed(fetch, feed, reps):
-    sess.run(fetch, feed)   # Warm-up: first calls allocate and pick kernels.
-    times = []
-    for _ in range(reps):
-      start = time.perf_counter()
-      result = sess.run(fetch, feed)
-      times.append(time.perf_counter() - start)
-    return times, result
+  def timed(fetch, feed):
+    start = time.perf_counter()
+    result = sess.run(fetch, feed)
+    return time.perf_counter() - start, result
 
   settings = []
   for item in FLAGS.settings.split(','):
@@ -75,9 +79,9 @@ def main(_):
 
   print('ResNet-{} v2, {}x{}, stage MACs {}, plain {} ({} core(s))'.format(
       FLAGS.resnet_size, size, size, stage, plain_macs, os.cpu_count()))
-  print('{:>5} {:>8} {:>14} {:>10} {:>10} {:>10} {:>10} {:>9}'.format(
-      'batch', 'setting', 'exit shares', 'plain ms', 'cascade ms', 'predicted', 'measured',
-      'ratio'))
+  print('{:>5} {:>5} {:>8} {:>14} {:>10} {:>10} {:>9} {:>9} {:>7}'.format(
+      'batch', 'chunk', 'setting', 'exit shares', 'plain ms', 'cascade ms', 'predicted',
+      'measured', 'ratio'))
   rng = np.random.RandomState(0)
   for batch in [int(b) for b in FLAGS.batch_sizes]:
     # Unit-scale inputs keep the random network's softmax unsaturated, so the confidences are
@@ -91,20 +95,27 @@ def main(_):
       stays = conf0 < t0
       t1 = (np.quantile(conf1[stays], 1 - share1) if share1 > 0 and stays.any() else 2.0)
       feed = {images: data, thresholds: [t0, t1]}
-      plain_times, cascade_times = [], []
-      for _ in range(reps):   # Alternate, so load changes hit both alike.
-        plain_times += timed(full['probabilities'], feed, 1)[0]
+      for chunk in chunk_sizes:
+        cascade, full = signatures[chunk]
+        plain_fetch = full['probabilities']
         # Fetch the probabilities too: the exit taken alone does not need the last group.
-        times, (_, exit_taken) = timed([cascade['probabilities'], cascade['exit']], feed, 1)
-        cascade_times += times
-      shares = np.bincount(exit_taken, minlength=3) / batch
-      predicted = plain_macs / float(np.mean(cumulative[exit_taken]))
-      plain_ms = 1000 * statistics.median(plain_times)
-      cascade_ms = 1000 * statistics.median(cascade_times)
-      measured = plain_ms / cascade_ms
-      print('{:>5} {:>8} {:>14} {:>10.1f} {:>10.1f} {:>10.3f} {:>10.3f} {:>9.3f}'.format(
-          batch, name, '/'.join('{:.2f}'.format(s) for s in shares), plain_ms, cascade_ms,
-          predicted, measured, measured / predicted), flush=True)
+        cascade_fetch = [cascade['probabilities'], cascade['exit']]
+        # Warm-up: the first calls with new shapes allocate buffers and pick kernels.
+        sess.run(plain_fetch, feed)
+        sess.run(cascade_fetch, feed)
+        plain_times, cascade_times = [], []
+        for _ in range(reps):   # Alternate, so load changes hit both alike.
+          plain_times.append(timed(plain_fetch, feed)[0])
+          seconds, (_, exit_taken) = timed(cascade_fetch, feed)
+          cascade_times.append(seconds)
+        shares = np.bincount(exit_taken, minlength=3) / batch
+        predicted = plain_macs / float(np.mean(cumulative[exit_taken]))
+        plain_ms = 1000 * statistics.median(plain_times)
+        cascade_ms = 1000 * statistics.median(cascade_times)
+        measured = plain_ms / cascade_ms
+        print('{:>5} {:>5} {:>8} {:>14} {:>10.1f} {:>10.1f} {:>9.3f} {:>9.3f} {:>7.3f}'.format(
+            batch, chunk or 'whole', name, '/'.join('{:.2f}'.format(s) for s in shares),
+            plain_ms, cascade_ms, predicted, measured, measured / predicted), flush=True)
 
 
 if __name__ == '__main__':

@@ -193,17 +193,29 @@ def test_cascade_predict_command_line_names_the_bad_file(fashion, tmp_path):
   assert 'no image could be classified' in result.stderr
 
 
-def test_imagenet_layout_cascade_gathers_and_scatters_in_input_order():
-  """A small ImageNet ResNet with thresholds that split the batch three ways."""
+@pytest.mark.parametrize('chunk_size', [0, 5])
+def test_imagenet_layout_cascade_gathers_and_scatters_in_input_order(chunk_size):
+  """A small ImageNet ResNet with thresholds that split the batch three ways.
+
+  With chunk size 5 the 24 images go through the cascade as 4 chunks of 5 and one of 4.
+  """
   model = resnet_model.imagenet_model(18, 2, 1001, 'channels_last', 'all')
   rng = np.random.RandomState(1)
   images = rng.normal(0, 1, [24, 64, 64, 3]).astype(np.float32)
   with tf.Graph().as_default(), tf.Session() as sess:
     placeholder = tf.placeholder(tf.float32, [None, 64, 64, 3])
     thresholds = tf.placeholder(tf.float32, [2])
-    cascade = cascade_export.build_cascade(model, placeholder, thresholds, 'top5')
+    cascade, full = cascade_export.build_signatures(
+        model, resnet_model.imagenet_model(18, 2, 1001, 'channels_last'), placeholder,
+        thresholds, 'top5', chunk_size)
+    num_variables = len(tf.global_variables())
     with tf.variable_scope(tf.get_variable_scope(), reuse=True):
       every = model(placeholder, training=False)
+    # The loop bodies and the plain network reused the one set of variables.
+    assert num_variables == len(tf.global_variables())
+    with tf.Graph().as_default():
+      model(tf.zeros([1, 64, 64, 3]), training=False)
+      assert num_variables == len(tf.global_variables())
     sess.run(tf.global_variables_initializer())
     probabilities = sess.run({k: tf.nn.softmax(v) for k, v in every.items()},
                              {placeholder: images})
@@ -212,7 +224,9 @@ def test_imagenet_layout_cascade_gathers_and_scatters_in_input_order():
     t0 = float(np.sort(confidences[0])[16]) - 1e-7
     stay = confidences[0] < t0
     t1 = float(np.sort(confidences[1][stay])[stay.sum() // 2]) - 1e-7
-    outputs = sess.run(cascade, {placeholder: images, thresholds: [t0, t1]})
+    outputs, plain = sess.run([cascade, full], {placeholder: images, thresholds: [t0, t1]})
+  assert outputs['probabilities'].shape == (24, 1001)
+  np.testing.assert_allclose(plain['probabilities'], probabilities[2], atol=1e-5)
   expected_exit = analysis.cascade_exit_index(confidences, [t0, t1])
   assert sorted(set(expected_exit)) == [0, 1, 2]
   np.testing.assert_array_equal(outputs['exit'], expected_exit)

@@ -964,6 +964,11 @@ def exit_on_user_error(job, flags_obj):
   Such errors are the user's to fix and their messages say how, so the traceback only goes to
   the debug log (``--verbosity=1`` shows it).
   """
+  # TensorFlow gave its logger a handler of its own before absl put one on the root logger, so
+  # each of its lines came out twice; absl's handler alone prints them, in absl's format.
+  tf_logger = tf.get_logger()
+  for handler in list(tf_logger.handlers):
+    tf_logger.removeHandler(handler)
   try:
     return job(flags_obj)
   except (ValueError, FileNotFoundError) as e:

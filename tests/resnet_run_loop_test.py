@@ -10,6 +10,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -284,3 +286,17 @@ def test_train_schedule_cycles():
   assert resnet_run_loop.trained_exits('all', 3, fine_tune=True) == (0, 1)
   assert resnet_run_loop.trained_exits('all', 3, fine_tune=False) == (0, 1, 2)
   assert resnet_run_loop.trained_exits('2', 3, fine_tune=True) == (2,)
+
+
+def test_tensorflow_log_lines_are_printed_once():
+  """The mains log through absl's handler only; TensorFlow's own handler doubled every line."""
+  program = ('from absl import app\n'
+             'import tensorflow.compat.v1 as tf\n'
+             'import resnet_run_loop\n'
+             'app.run(lambda _: resnet_run_loop.exit_on_user_error(\n'
+             '    lambda flags_obj: tf.logging.warning("marker %d", 4321), None))\n')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, '-c', program], cwd=repo, capture_output=True,
+                          text=True, check=True,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+  assert result.stderr.count('marker 4321') == 1, result.stderr

@@ -602,9 +602,11 @@ def dump_softmax(estimator, input_fn, softmax_dir, split, exits, manifest_common
   for exit_id in exits:
     writers[exit_id] = dump_layout.NpyRowWriter(
         dump_layout.probabilities_path(softmax_dir, split, exit_id), np.float32, (num_classes,))
+  labels_check = _LabelsCheck(softmax_dir, split)
   start = time.time()
   try:
     for batch in _predict_batches(estimator, input_fn, split):
+      labels_check.next_batch(batch['label'])
       writers['label'].write(batch['label'])
       for exit_id in exits:
         writers[exit_id].write(batch[f'clf{exit_id}_probabilities'])
@@ -612,7 +614,7 @@ def dump_softmax(estimator, input_fn, softmax_dir, split, exits, manifest_common
       if rows // 10000 != (rows - len(batch['label'])) // 10000:
         logging.info('dump %s: %d images, %.1f images/s', split, rows,
                      rows / (time.time() - start))
-    _check_labels_agree(softmax_dir, split, writers['label'])
+    labels_check.finish()
   except BaseException:
     for writer in writers.values():
       writer.abort()
@@ -630,21 +632,36 @@ def dump_softmax(estimator, input_fn, softmax_dir, split, exits, manifest_common
   return rows
 
 
-def _check_labels_agree(softmax_dir, split, label_writer):
-  """A dump must describe the same images, in the same order, as the dumps already there."""
-  path = dump_layout.labels_path(softmax_dir, split)
-  if not os.path.exists(path):
-    return
-  existing = np.load(path, mmap_mode='r')
-  label_writer._file.flush()
-  fresh = np.memmap(label_writer._partial, dtype=np.int32, mode='r',
-                    offset=dump_layout._HEADER_BYTES, shape=(label_writer.num_rows,))
-  if existing.shape != fresh.shape or not np.array_equal(existing, fresh):
+class _LabelsCheck:
+  """A dump must describe the same images, in the same order, as the dumps already there.
+
+  Checked batch by batch, so a dump over another data set stops at its first batch rather than
+  after the whole split.
+  """
+
+  def __init__(self, softmax_dir, split):
+    self._where = dump_layout.split_dir(softmax_dir, split)
+    path = dump_layout.labels_path(softmax_dir, split)
+    self._existing = np.load(path, mmap_mode='r') if os.path.exists(path) else None
+    self._rows = 0
+
+  def next_batch(self, labels):
+    if self._existing is None:
+      return
+    expected = self._existing[self._rows:self._rows + len(labels)]
+    self._rows += len(labels)
+    if not np.array_equal(expected, labels):
+      self._fail('from image {} on'.format(self._rows - len(labels)))
+
+  def finish(self):
+    if self._existing is not None and self._rows != len(self._existing):
+      self._fail('in number')
+
+  def _fail(self, how):
     raise ValueError(
-        f'{dump_layout.split_dir(softmax_dir, split)} already holds labels for '
-        f'{existing.shape[0]} images that differ from this run\'s {fresh.shape[0]} images (another '
-        'data set, split order or record set?); dump into another --softmax_dir or delete the '
-        'old dumps')
+        f'{self._where} already holds labels for {len(self._existing)} images that differ {how} '
+        'from the images of this run (another data set, split order or record set?); dump into '
+        'another --softmax_dir or delete the old dumps')
 
 
 ################################################################################

@@ -192,13 +192,18 @@ def test_single_exit_runs_share_a_folder_and_match_the_all_exit_dump(trained, da
     np.testing.assert_allclose(single[exit_id], together[exit_id], atol=1e-5)
 
 
-def test_dump_with_other_labels_fails_and_keeps_the_old_files(trained, data_dir, tmp_path):
+@pytest.mark.parametrize('change, message', [
+    (lambda labels: np.roll(labels, 1), 'differ from image 0 on'),      # other images
+    (lambda labels: np.append(labels, labels[:1]), 'differ in number'),  # a longer record set
+])
+def test_dump_with_other_labels_fails_and_keeps_the_old_files(trained, data_dir, tmp_path,
+                                                              change, message):
   softmax_dir = str(tmp_path / 'softmax')
   shutil.copytree(trained['softmax_dir'], softmax_dir)
   labels_path = dump_layout.labels_path(softmax_dir, 'validation')
-  np.save(labels_path, np.roll(np.load(labels_path), 1))  # as if from other images
+  np.save(labels_path, change(np.load(labels_path)))
   before = _folder_bytes(softmax_dir)
-  with pytest.raises(ValueError, match='already holds labels'):
+  with pytest.raises(ValueError, match='already holds labels .* ' + message):
     _eval_only(data_dir, trained['model_dir'], softmax_dir, '--classifier_id', 0)
   assert _folder_bytes(softmax_dir) == before
   assert not _partial_files(softmax_dir)

@@ -1,6 +1,6 @@
 """Real early exit: a SavedModel that stops computing for the images an early exit is sure of.
 
-The serving graph runs the stem and the block groups up to exit 0 on the whole batch, keeps the
+The serving graph runs the stem and the block groups up to exit 0 on every image, keeps the
 images whose exit-0 confidence reaches exit 0's threshold, sends only the others through the next
 group and exit 1, only the rest of those through the last group and the final classifier, and
 scatters every image's result back to its place in the batch. Thresholds and the confidence rule

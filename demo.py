@@ -20,7 +20,7 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string('output_dir', 'demo_output', 'Folder for data, model, dumps and report.')
 flags.DEFINE_integer('resnet_size', 8, 'CIFAR ResNet depth (6n+2).')
-flags.DEFINE_integer('train_epochs', 4, 'Epochs to train the backbone and final classifier.')
+flags.DEFINE_integer('train_epochs', 5, 'Epochs to train the backbone and final classifier.')
 flags.DEFINE_integer('head_epochs', 2, 'Epochs to fine-tune the two early-exit heads.')
 flags.DEFINE_integer('batch_size', 128, 'Batch size.')
 flags.DEFINE_integer('train_limit', None, 'Use only the first N training images.')
@@ -81,7 +81,9 @@ def main(_):
   # started from its checkpoint into a model folder of their own.
   run('2/5 train backbone + final classifier',
       ['cifar10_main.py', '-md', backbone_dir] + common +
-      ['--classifier_id', '2', '-te', str(FLAGS.train_epochs), '--softmax_dir', ''], log_dir)
+      # One evaluation, at the end: the others would cost half a minute and change nothing.
+      ['--classifier_id', '2', '-te', str(FLAGS.train_epochs), '-ebe', str(FLAGS.train_epochs),
+       '--softmax_dir', ''], log_dir)
   run('3/5 fine-tune both exit heads, backbone frozen',
       ['cifar10_main.py', '-md', cascade_dir, '-pmcp', backbone_dir] + common +
       ['--classifier_id', 'all', '--fine_tune', '-te', str(FLAGS.head_epochs),

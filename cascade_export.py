@@ -140,7 +140,8 @@ def in_chunks(build, images, chunk_size):
   if not chunk_size:
     return build(images)
   batch = tf.shape(images)[0]
-  num_chunks = (batch + chunk_size - 1) // chunk_size
+  # An empty batch still makes one (empty) chunk: a TensorArray of no elements cannot concat.
+  num_chunks = tf.maximum((batch + chunk_size - 1) // chunk_size, 1)
   arrays = {key: tf.TensorArray(dtype, size=num_chunks, infer_shape=False)
             for key, dtype in OUTPUT_DTYPES.items()}
   static_shapes = {}

@@ -225,6 +225,10 @@ def test_imagenet_layout_cascade_gathers_and_scatters_in_input_order(chunk_size)
     stay = confidences[0] < t0
     t1 = float(np.sort(confidences[1][stay])[stay.sum() // 2]) - 1e-7
     outputs, plain = sess.run([cascade, full], {placeholder: images, thresholds: [t0, t1]})
+    nothing = sess.run([cascade, full], {placeholder: images[:0], thresholds: [t0, t1]})
+  for signature in nothing:   # An empty batch is answered with empty outputs.
+    assert signature['probabilities'].shape == (0, 1001)
+    assert signature['exit'].shape == (0,)
   assert outputs['probabilities'].shape == (24, 1001)
   np.testing.assert_allclose(plain['probabilities'], probabilities[2], atol=1e-5)
   expected_exit = analysis.cascade_exit_index(confidences, [t0, t1])

@@ -41,7 +41,7 @@ import analyze_imagenet_labels as analysis
 CASCADE_INFO = 'cascade_info.json'
 TOP_K = 5
 DEFAULT_CHUNK_SIZE = 8
-# dtype of each per-image output (see _per_image_outputs).
+# dtype of each per-image output; _per_image_outputs builds them, in_chunks collects them.
 OUTPUT_DTYPES = {'probabilities': tf.float32, 'classes': tf.int64, 'top5_classes': tf.int32,
                  'exit': tf.int32, 'macs': tf.int64}
 
@@ -69,10 +69,10 @@ def _per_image_outputs(probabilities, exit_taken, cumulative_macs):
   num_classes = probabilities.shape.as_list()[1]
   return {
       'probabilities': probabilities,
-      'classes': tf.argmax(probabilities, axis=1),
+      'classes': tf.argmax(probabilities, axis=1, output_type=OUTPUT_DTYPES['classes']),
       'top5_classes': tf.math.top_k(probabilities, k=min(TOP_K, num_classes)).indices,
       'exit': exit_taken,
-      'macs': tf.gather(tf.constant(cumulative_macs, tf.int64), exit_taken),
+      'macs': tf.gather(tf.constant(cumulative_macs, OUTPUT_DTYPES['macs']), exit_taken),
   }
 
 

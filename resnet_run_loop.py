@@ -976,7 +976,8 @@ def resnet_main(flags_obj, spec):
 
 
 def exit_on_user_error(job, flags_obj):
-  """Runs ``job(flags_obj)``; a bad flag, file or checkpoint ends in one 'error:' line.
+  """The mains' entry: runs ``job(flags_obj)``; a bad flag, file or checkpoint ends in one 'error:'
+  line, and TensorFlow's log lines are printed once, by absl's handler.
 
   Such errors are the user's to fix and their messages say how, so the traceback only goes to
   the debug log (``--verbosity=1`` shows it).

@@ -76,11 +76,25 @@ def _per_image_outputs(probabilities, exit_taken, cumulative_macs):
   }
 
 
+def run_if_any(count, build, empty):
+  """``build()`` when ``count`` > 0, else ``empty()``, in the graph (a ``tf.cond``).
+
+  No kernel of the cascade ever sees an empty batch: oneDNN's fused conv and batch-norm kernels
+  (TensorFlow's default on Intel Xeons with AVX512_VNNI or AMX) fail on zero images, and a stage
+  no image needs costs nothing.
+  """
+  return tf.cond(count > 0, build, empty)
+
+
 def build_cascade(model, images, thresholds, mode):
-  """Builds the early-exit graph.
+  """Builds the early-exit graph, one stage at a time.
+
+  Stage k runs only on the images still in the network, and only if there is at least one; the
+  model's variables must exist already (``build_signatures`` creates them), since the stages are
+  built inside ``tf.cond`` branches.
 
   Args:
-    model: a resnet_model.Model (its exits are all built).
+    model: a resnet_model.Model.
     images: [batch, height, width, channels] float tensor.
     thresholds: one threshold per early exit (floats, or a float32 [num_exits - 1] tensor); an
       image leaves exit k if its confidence >= thresholds[k].
@@ -95,33 +109,46 @@ def build_cascade(model, images, thresholds, mode):
   height, width = images.shape.as_list()[1:3]
   cumulative_macs = np.cumsum(model.stage_macs(height, width)).tolist()
   batch = tf.shape(images)[0]
-  remaining = {'rows': tf.range(batch)}   # Batch positions of the images still in the network.
-  left = []                               # (rows, probabilities, exit id) per exit
+  rows = tf.range(batch)      # Batch positions of the images still in the network.
+  features = images           # Their input to the next stage.
+  left = []                   # (rows, probabilities, exit id) per exit
 
-  def after_exit(exit_id, logits, features):
-    probabilities = tf.nn.softmax(tf.cast(logits, tf.float32))
-    leaves = confidence(probabilities, mode) >= thresholds[exit_id]
-    left.append((tf.boolean_mask(remaining['rows'], leaves),
-                 tf.boolean_mask(probabilities, leaves), exit_id))
+  for stage in range(model.num_exits):
+    final = stage == model.final_exit
+
+    def run(stage=stage, features=features):
+      next_features, logits = model.stage(stage, features, training=False)
+      probabilities = tf.nn.softmax(tf.cast(logits, tf.float32))
+      return probabilities if next_features is None else (next_features, probabilities)
+
+    def skip(stage=stage, dtype=features.dtype):
+      probabilities = tf.zeros([0, model.num_classes])
+      if stage == model.final_exit:
+        return probabilities
+      return tf.zeros([0] + model.stage_feature_shape(stage, height, width), dtype), probabilities
+
+    outputs = run_if_any(tf.shape(rows)[0], run, skip)
+    if final:
+      left.append((rows, outputs, stage))
+      break
+    next_features, probabilities = outputs
+    leaves = confidence(probabilities, mode) >= thresholds[stage]
+    left.append((tf.boolean_mask(rows, leaves), tf.boolean_mask(probabilities, leaves), stage))
     stays = tf.logical_not(leaves)
     everyone_stays = tf.reduce_all(stays)
 
-    def keep(tensor):
+    def keep(tensor, stays=stays, everyone_stays=everyone_stays):
       # Copying the whole feature map to keep every row would be wasted work.
       return tf.cond(everyone_stays, lambda: tensor, lambda: tf.boolean_mask(tensor, stays))
-    remaining['rows'] = keep(remaining['rows'])
-    # Only the images that did not leave go on through the next block group.
-    return keep(features)
+    rows = keep(rows)
+    # Only the images that did not leave go on through the next stage.
+    features = keep(next_features)
 
-  logits = model(images, training=False, exits=range(model.num_exits), after_exit=after_exit)
-  final = tf.nn.softmax(tf.cast(logits[model.final_exit], tf.float32))
-  left.append((remaining['rows'], final, model.final_exit))
-
-  rows = tf.expand_dims(tf.concat([r for r, _, _ in left], axis=0), 1)
-  probabilities = tf.scatter_nd(rows, tf.concat([p for _, p, _ in left], axis=0),
+  positions = tf.expand_dims(tf.concat([r for r, _, _ in left], axis=0), 1)
+  probabilities = tf.scatter_nd(positions, tf.concat([p for _, p, _ in left], axis=0),
                                 tf.stack([batch, model.num_classes]))
   exits = tf.concat([tf.fill(tf.shape(r), k) for r, _, k in left], axis=0)
-  exit_taken = tf.scatter_nd(rows, tf.cast(exits, tf.int32), tf.expand_dims(batch, 0))
+  exit_taken = tf.scatter_nd(positions, tf.cast(exits, tf.int32), tf.expand_dims(batch, 0))
   return _per_image_outputs(probabilities, exit_taken, cumulative_macs)
 
 
@@ -130,7 +157,8 @@ def in_chunks(build, images, chunk_size):
 
   Args:
     build: [n, height, width, channels] images -> dict of per-image outputs (OUTPUT_DTYPES keys,
-      first dimension n); it must only reuse variables, as it is called inside a loop.
+      first dimension n); it must only reuse variables, as it is called inside a loop, and must
+      answer an empty chunk (an empty batch makes one).
     images: [batch, height, width, channels] float tensor.
     chunk_size: images per chunk (the last one may be smaller); 0 or None: the whole batch.
 
@@ -164,34 +192,36 @@ def in_chunks(build, images, chunk_size):
 def build_full(model, images):
   """The plain network on every image, with outputs shaped like the cascade's."""
   height, width = images.shape.as_list()[1:3]
-  logits = model(images, training=False, exits=[model.final_exit])[model.final_exit]
-  probabilities = tf.nn.softmax(tf.cast(logits, tf.float32))
+
+  def run():
+    logits = model(images, training=False, exits=[model.final_exit])[model.final_exit]
+    return tf.nn.softmax(tf.cast(logits, tf.float32))
+  probabilities = run_if_any(tf.shape(images)[0], run,
+                             lambda: tf.zeros([0, model.num_classes]))
   exit_taken = tf.fill(tf.shape(probabilities)[:1], model.final_exit)
   plain = model.plain_macs(height, width)
   macs = [plain] * model.num_exits   # Every image pays the plain network's cost.
   return _per_image_outputs(probabilities, exit_taken, macs)
 
 
-def build_signatures(model, plain_model, images, thresholds, mode, chunk_size):
+def build_signatures(model, images, thresholds, mode, chunk_size):
   """The cascade and the plain network on ``images``, both in chunks of ``chunk_size``.
 
   Args:
-    model: resnet_model.Model with every exit; plain_model: the same network without exit heads.
+    model: resnet_model.Model; the plain network is its final exit without the exit heads.
     images, thresholds, mode: as for build_cascade.
     chunk_size: see in_chunks.
 
   Returns:
     (cascade outputs, plain network outputs), dicts of per-image tensors.
   """
-  # Variables are created once, outside the loops (a loop body may only reuse them); the plain
-  # network shares them (same names, same creation order). The creating call's ops never run.
-  if chunk_size:
-    model(images[:1], training=False)
-  with tf.variable_scope(tf.get_variable_scope(), reuse=True if chunk_size else None):
+  # The stages run inside tf.cond branches (and loop bodies), which may only reuse variables:
+  # they are created once here, by a whole-model call whose ops never run.
+  model(images[:1], training=False)
+  with tf.variable_scope(tf.get_variable_scope(), reuse=True):
     cascade = in_chunks(lambda part: build_cascade(model, part, thresholds, mode), images,
                         chunk_size)
-  with tf.variable_scope(tf.get_variable_scope(), reuse=True):
-    full = in_chunks(lambda part: build_full(plain_model, part), images, chunk_size)
+    full = in_chunks(lambda part: build_full(model, part), images, chunk_size)
   return cascade, full
 
 
@@ -220,7 +250,7 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
 
   Args:
     checkpoint: checkpoint prefix holding every exit's variables.
-    model_factory: (classifier_id, data_format, dtype) -> resnet_model.Model.
+    model_factory: (data_format, dtype) -> resnet_model.Model.
     image_shape: (height, width, channels) the model sees.
     thresholds_file: ``thresholds.json`` written by analyze_imagenet_labels.py.
     epsilon: the accuracy budget whose thresholds to use (must be in the file).
@@ -235,7 +265,7 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
   Returns:
     The folder of the SavedModel.
   """
-  model = model_factory('all', data_format, tf.float32)
+  model = model_factory(data_format, tf.float32)
   report = check_thresholds_fit(thresholds_file, model)
   thresholds = [float(t) for t in analysis.load_thresholds(thresholds_file, epsilon, mode)]
   if not tf.train.checkpoint_exists(checkpoint or ''):
@@ -254,8 +284,7 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
       inputs = tf.placeholder(tf.float32, [None, height, width, channels], name='images')
       images = inputs
       input_key = 'images'
-    cascade, full = build_signatures(model, model_factory(None, data_format, tf.float32),
-                                     images, thresholds, mode, chunk_size)
+    cascade, full = build_signatures(model, images, thresholds, mode, chunk_size)
     signatures = {
         name: tf.saved_model.signature_def_utils.predict_signature_def(
             inputs={input_key: inputs}, outputs=outputs)

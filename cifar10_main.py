@@ -285,7 +285,7 @@ class Cifar10Model(resnet_model.Model):
   """The CIFAR ResNet: 3x3 stem, no max-pool, stages of 16/32/64 filters, exits after 1 and 2."""
 
   def __init__(self, resnet_size, resnet_version=resnet_model.DEFAULT_VERSION, data_format=None,
-               classifier_id=None, dtype=resnet_model.DEFAULT_DTYPE, num_classes=NUM_CLASSES,
+               dtype=resnet_model.DEFAULT_DTYPE, num_classes=NUM_CLASSES,
                batch_norm_decay=resnet_model.BATCH_NORM_DECAY):
     resnet_size = int(resnet_size)
     if resnet_size % 6 != 2 or resnet_size < 8:
@@ -297,7 +297,7 @@ class Cifar10Model(resnet_model.Model):
         kernel_size=3, conv_stride=1, first_pool_size=None, first_pool_stride=None,
         block_sizes=[num_blocks] * 3, block_strides=[1, 2, 2], resnet_version=int(resnet_version),
         data_format=data_format, dtype=dtype, exit_groups=EXIT_GROUPS,
-        classifier_id=classifier_id, batch_norm_decay=batch_norm_decay)
+        batch_norm_decay=batch_norm_decay)
 
 
 def learning_rate_fn(flags_obj, batch_size, num_train_images):
@@ -342,9 +342,9 @@ def run_cifar(flags_obj):
     if num_images['train'] is None and not flags_obj.eval_only:
       get_filenames('train', flags_obj.data_dir)
 
-  def model_factory(classifier_id, data_format, dtype):
-    return Cifar10Model(flags_obj.resnet_size, flags_obj.resnet_version, data_format,
-                        classifier_id, dtype, batch_norm_decay=flags_obj.batch_norm_decay)
+  def model_factory(data_format, dtype):
+    return Cifar10Model(flags_obj.resnet_size, flags_obj.resnet_version, data_format, dtype,
+                        batch_norm_decay=flags_obj.batch_norm_decay)
 
   spec = resnet_run_loop.DatasetSpec(
       name='cifar10', input_fn=input_function, model_factory=model_factory,

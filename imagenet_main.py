@@ -233,10 +233,10 @@ def run_imagenet(flags_obj):
     num_images['train'] = (count_images('train', flags_obj.data_dir) if needs_train
                            else NUM_IMAGES['train'])
 
-  def model_factory(classifier_id, data_format, dtype):
+  def model_factory(data_format, dtype):
     return resnet_model.imagenet_model(
-        flags_obj.resnet_size, flags_obj.resnet_version, NUM_CLASSES, data_format,
-        classifier_id, dtype, batch_norm_decay=flags_obj.batch_norm_decay)
+        flags_obj.resnet_size, flags_obj.resnet_version, NUM_CLASSES, data_format, dtype,
+        batch_norm_decay=flags_obj.batch_norm_decay)
 
   def image_bytes_serving_fn(image_bytes):
     return imagenet_preprocessing.preprocess_image(

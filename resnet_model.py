@@ -22,7 +22,6 @@ attach, MAC counts). It reads no flags, builds no Estimator and opens no file.
 """
 
 import collections
-import contextlib
 
 import tensorflow.compat.v1 as tf
 
@@ -51,8 +50,6 @@ IMAGENET_EXIT_GROUPS = (1, 2)
 EXIT_POOL_GRIDS = ((2, 2), (1, 2))
 EXIT_HIDDEN_UNITS = 1024
 
-ALL_EXITS = 'all'
-
 
 def imagenet_block_sizes(resnet_size):
   """Returns the block counts per group of an ImageNet ResNet of depth ``resnet_size``."""
@@ -61,20 +58,6 @@ def imagenet_block_sizes(resnet_size):
   except (KeyError, ValueError, TypeError):
     raise ValueError(f'resnet_size must be one of {sorted(IMAGENET_BLOCK_SIZES)}, '
                      f'got {resnet_size!r}') from None
-
-
-def parse_classifier_id(classifier_id, num_exits=3):
-  """Turns a classifier id (0..num_exits-1, or 'all') into the sorted tuple of exits to build."""
-  if isinstance(classifier_id, str) and classifier_id.strip().lower() == ALL_EXITS:
-    return tuple(range(num_exits))
-  try:
-    exit_id = int(classifier_id)
-  except (TypeError, ValueError):
-    exit_id = None
-  if exit_id is None or not 0 <= exit_id < num_exits:
-    raise ValueError(f'classifier_id must be one of {list(range(num_exits))} or '
-                     f'{ALL_EXITS!r}, got {classifier_id!r}')
-  return (exit_id,)
 
 
 ################################################################################
@@ -123,29 +106,13 @@ def variables_of(group, variables, num_exits=3):
 ################################################################################
 # Layers shared by the backbone and the heads.
 ################################################################################
-_batch_norm_decay = [BATCH_NORM_DECAY]
-
-
-@contextlib.contextmanager
-def batch_norm_decay(decay):
-  """Sets the moving-average decay of the BNs built inside the block.
-
-  A context rather than an argument so that the block functions keep the official signatures.
-  """
-  _batch_norm_decay.append(decay)
-  try:
-    yield
-  finally:
-    _batch_norm_decay.pop()
-
-
-def batch_norm(inputs, training, data_format, name=None):
+def batch_norm(inputs, training, data_format, decay=BATCH_NORM_DECAY, name=None):
   """BN with the official ResNet constants; ``data_format`` only picks the channel axis."""
   rank = inputs.shape.ndims
   axis = 1 if (data_format == 'channels_first' or rank == 2) else 3
   return tf.layers.batch_normalization(
-      inputs=inputs, axis=axis, momentum=_batch_norm_decay[-1], epsilon=_BATCH_NORM_EPSILON,
-      center=True, scale=True, training=training, fused=(rank == 4), name=name)
+      inputs=inputs, axis=axis, momentum=decay, epsilon=_BATCH_NORM_EPSILON, center=True,
+      scale=True, training=training, fused=(rank == 4), name=name)
 
 
 def fixed_padding(inputs, kernel_size, data_format):
@@ -168,14 +135,47 @@ def fixed_padding(inputs, kernel_size, data_format):
   return tf.pad(inputs, [[0, 0]] + spatial + [[0, 0]])
 
 
-def conv2d_fixed_padding(inputs, filters, kernel_size, strides, data_format):
+def conv2d_fixed_padding(inputs, filters, kernel_size, strides, data_format, name=None):
   """Bias-free conv; explicit padding when strided, so the output size is input / stride."""
   if strides > 1:
     inputs = fixed_padding(inputs, kernel_size, data_format)
   return tf.layers.conv2d(
       inputs=inputs, filters=filters, kernel_size=kernel_size, strides=strides,
       padding=('SAME' if strides == 1 else 'VALID'), use_bias=False,
-      kernel_initializer=tf.variance_scaling_initializer(), data_format=data_format)
+      kernel_initializer=tf.variance_scaling_initializer(), data_format=data_format, name=name)
+
+
+def layer_name(kind, index):
+  """TensorFlow's automatic name of the ``index``-th layer of a kind: 'conv2d', 'conv2d_1', ..."""
+  return kind if index == 0 else f'{kind}_{index}'
+
+
+class BackboneLayers:
+  """Creates the backbone's convs and BNs under the names of the official checkpoints.
+
+  The official code let TensorFlow number its layers in creation order (``conv2d``,
+  ``conv2d_1``, ..., ``batch_normalization_48``). A stage built on its own (the cascade builds
+  each stage in a branch of its own; a TFLite stage model holds one stage) would restart that
+  count, so the names are given explicitly, counting on from the layers the earlier stages make.
+  """
+
+  def __init__(self, data_format, batch_norm_decay, first_conv, first_batch_norm):
+    self.data_format = data_format
+    self.batch_norm_decay = batch_norm_decay
+    self._next = {'conv2d': first_conv, 'batch_normalization': first_batch_norm}
+
+  def _name(self, kind):
+    index = self._next[kind]
+    self._next[kind] += 1
+    return layer_name(kind, index)
+
+  def conv(self, inputs, filters, kernel_size, strides):
+    return conv2d_fixed_padding(inputs, filters, kernel_size, strides, self.data_format,
+                                name=self._name('conv2d'))
+
+  def batch_norm(self, inputs, training):
+    return batch_norm(inputs, training, self.data_format, self.batch_norm_decay,
+                      name=self._name('batch_normalization'))
 
 
 def check_grid_divides(what, height, width, grid):
@@ -226,60 +226,59 @@ def grid_average_pool(inputs, grid, data_format, what='the head'):
 
 
 ################################################################################
-# Residual blocks. Variable creation order inside each block is what fixes the official names.
+# Residual blocks. Layer creation order inside each block is what fixes the official names.
 ################################################################################
-def _building_block_v1(inputs, filters, training, projection_shortcut, strides, data_format):
+def _building_block_v1(inputs, filters, training, projection_shortcut, strides, layers):
   shortcut = inputs
   if projection_shortcut is not None:
-    shortcut = batch_norm(projection_shortcut(inputs), training, data_format)
-  inputs = conv2d_fixed_padding(inputs, filters, 3, strides, data_format)
-  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
-  inputs = conv2d_fixed_padding(inputs, filters, 3, 1, data_format)
-  inputs = batch_norm(inputs, training, data_format)
+    shortcut = layers.batch_norm(projection_shortcut(inputs), training)
+  inputs = layers.conv(inputs, filters, 3, strides)
+  inputs = tf.nn.relu(layers.batch_norm(inputs, training))
+  inputs = layers.conv(inputs, filters, 3, 1)
+  inputs = layers.batch_norm(inputs, training)
   return tf.nn.relu(inputs + shortcut)
 
 
-def _building_block_v2(inputs, filters, training, projection_shortcut, strides, data_format):
+def _building_block_v2(inputs, filters, training, projection_shortcut, strides, layers):
   shortcut = inputs
-  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
+  inputs = tf.nn.relu(layers.batch_norm(inputs, training))
   # The projection sees the activated input: in v2 the shortcut branch is pre-activated too.
   if projection_shortcut is not None:
     shortcut = projection_shortcut(inputs)
-  inputs = conv2d_fixed_padding(inputs, filters, 3, strides, data_format)
-  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
-  inputs = conv2d_fixed_padding(inputs, filters, 3, 1, data_format)
+  inputs = layers.conv(inputs, filters, 3, strides)
+  inputs = tf.nn.relu(layers.batch_norm(inputs, training))
+  inputs = layers.conv(inputs, filters, 3, 1)
   return inputs + shortcut
 
 
-def _bottleneck_block_v1(inputs, filters, training, projection_shortcut, strides, data_format):
+def _bottleneck_block_v1(inputs, filters, training, projection_shortcut, strides, layers):
   shortcut = inputs
   if projection_shortcut is not None:
-    shortcut = batch_norm(projection_shortcut(inputs), training, data_format)
-  inputs = conv2d_fixed_padding(inputs, filters, 1, 1, data_format)
-  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
+    shortcut = layers.batch_norm(projection_shortcut(inputs), training)
+  inputs = layers.conv(inputs, filters, 1, 1)
+  inputs = tf.nn.relu(layers.batch_norm(inputs, training))
   # v1.5: the stride sits on the 3x3 conv, not on the first 1x1.
-  inputs = conv2d_fixed_padding(inputs, filters, 3, strides, data_format)
-  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
-  inputs = conv2d_fixed_padding(inputs, 4 * filters, 1, 1, data_format)
-  inputs = batch_norm(inputs, training, data_format)
+  inputs = layers.conv(inputs, filters, 3, strides)
+  inputs = tf.nn.relu(layers.batch_norm(inputs, training))
+  inputs = layers.conv(inputs, 4 * filters, 1, 1)
+  inputs = layers.batch_norm(inputs, training)
   return tf.nn.relu(inputs + shortcut)
 
 
-def _bottleneck_block_v2(inputs, filters, training, projection_shortcut, strides, data_format):
+def _bottleneck_block_v2(inputs, filters, training, projection_shortcut, strides, layers):
   shortcut = inputs
-  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
+  inputs = tf.nn.relu(layers.batch_norm(inputs, training))
   if projection_shortcut is not None:
     shortcut = projection_shortcut(inputs)
-  inputs = conv2d_fixed_padding(inputs, filters, 1, 1, data_format)
-  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
-  inputs = conv2d_fixed_padding(inputs, filters, 3, strides, data_format)
-  inputs = tf.nn.relu(batch_norm(inputs, training, data_format))
-  inputs = conv2d_fixed_padding(inputs, 4 * filters, 1, 1, data_format)
+  inputs = layers.conv(inputs, filters, 1, 1)
+  inputs = tf.nn.relu(layers.batch_norm(inputs, training))
+  inputs = layers.conv(inputs, filters, 3, strides)
+  inputs = tf.nn.relu(layers.batch_norm(inputs, training))
+  inputs = layers.conv(inputs, 4 * filters, 1, 1)
   return inputs + shortcut
 
 
-def block_layer(inputs, filters, bottleneck, block_fn, blocks, strides, training, name,
-                data_format):
+def block_layer(inputs, filters, bottleneck, block_fn, blocks, strides, training, name, layers):
   """One group of residual blocks; the first one changes resolution/width via a projection.
 
   Args:
@@ -291,7 +290,7 @@ def block_layer(inputs, filters, bottleneck, block_fn, blocks, strides, training
     strides: stride of the group's first block.
     training: whether BN runs in training mode.
     name: graph name of the group's output.
-    data_format: 'channels_first' or 'channels_last'.
+    layers: the BackboneLayers that create (and name) the convs and BNs.
 
   Returns:
     The group's output, spatially ``strides`` times smaller than ``inputs``.
@@ -299,11 +298,11 @@ def block_layer(inputs, filters, bottleneck, block_fn, blocks, strides, training
   filters_out = filters * 4 if bottleneck else filters
 
   def projection_shortcut(x):
-    return conv2d_fixed_padding(x, filters_out, 1, strides, data_format)
+    return layers.conv(x, filters_out, 1, strides)
 
-  inputs = block_fn(inputs, filters, training, projection_shortcut, strides, data_format)
+  inputs = block_fn(inputs, filters, training, projection_shortcut, strides, layers)
   for _ in range(1, blocks):
-    inputs = block_fn(inputs, filters, training, None, 1, data_format)
+    inputs = block_fn(inputs, filters, training, None, 1, layers)
   return tf.identity(inputs, name)
 
 
@@ -314,19 +313,23 @@ LayerCost = collections.namedtuple('LayerCost', ['stage', 'name', 'macs'])
 
 
 class Model:
-  """A ResNet whose exits can be built and evaluated selectively.
+  """A ResNet with early exits, built stage by stage.
 
-  ``model(images, training)`` returns ``{exit_id: logits}`` for the exits in ``self.exits``
-  and builds only the layers those exits need: asking for exit 0 alone builds the stem, the
-  groups up to exit 0's attachment point and exit 0's head, nothing else.
+  Stage 0 is the stem and the block groups up to exit 0's attachment point, then exit 0's head;
+  stage k > 0 the groups after exit k - 1's point up to exit k's, then exit k's head; the last
+  stage the remaining groups and the network's own classifier. ``stage(k, features, ...)``
+  builds one stage on the previous one's features (the cascade runs each stage only for the
+  images that need it); ``model(images, training, exits=...)`` composes the stages up to the
+  deepest exit asked for and builds no head that was not asked for: exit 0 alone builds the stem,
+  groups 1-2 and exit 0's head, nothing else.
   """
 
   def __init__(self, resnet_size, bottleneck, num_classes, num_filters, kernel_size, conv_stride,
                first_pool_size, first_pool_stride, block_sizes, block_strides,
                resnet_version=DEFAULT_VERSION, data_format=None, dtype=DEFAULT_DTYPE,
-               exit_groups=(), classifier_id=None, exit_pool_grids=EXIT_POOL_GRIDS,
+               exit_groups=(), exit_pool_grids=EXIT_POOL_GRIDS,
                exit_hidden_units=EXIT_HIDDEN_UNITS, batch_norm_decay=BATCH_NORM_DECAY):
-    """Creates a model description; no graph is built before ``__call__``.
+    """Creates a model description; no graph is built before ``stage`` or ``__call__``.
 
     Args:
       resnet_size: depth, used for names and messages only.
@@ -345,7 +348,6 @@ class Model:
       dtype: tf.float32, or tf.float16 with fp32 variables cast on read.
       exit_groups: 0-based indices of the block groups after which early exits attach, in
         increasing order. The network's own classifier is always the last exit.
-      classifier_id: exits to build: an exit id, 'all', or None for the last exit only.
       exit_pool_grids: (rows, cols) of the average-pool grid of each early exit.
       exit_hidden_units: width of the heads' hidden dense layer.
       batch_norm_decay: decay of the BN moving averages (0.997 officially; at that value the
@@ -388,8 +390,6 @@ class Model:
     self.batch_norm_decay = batch_norm_decay
     self.num_exits = len(exit_groups) + 1
     self.final_exit = self.num_exits - 1
-    self.exits = (parse_classifier_id(classifier_id, self.num_exits)
-                  if classifier_id is not None else (self.final_exit,))
     if bottleneck:
       self.block_fn = _bottleneck_block_v1 if resnet_version == 1 else _bottleneck_block_v2
     else:
@@ -405,6 +405,35 @@ class Model:
 
   def _model_variable_scope(self):
     return tf.variable_scope(MODEL_SCOPE, custom_getter=self._custom_dtype_getter)
+
+  # -- structure -----------------------------------------------------------------------------
+  def check_exits(self, exits):
+    """The sorted tuple of exit ids ``exits`` (None: every exit); ValueError for a bad id."""
+    exits = tuple(range(self.num_exits)) if exits is None else tuple(sorted(set(exits)))
+    if not exits or any(not 0 <= e < self.num_exits for e in exits):
+      raise ValueError(f'exit ids must be in 0..{self.final_exit}, got {list(exits)}')
+    return exits
+
+  def stage_groups(self, stage):
+    """The block groups (0-based indices) that stage ``stage`` runs, as a range."""
+    if not 0 <= stage < self.num_exits:
+      raise ValueError(f'stage must be in 0..{self.final_exit}, got {stage}')
+    first = 0 if stage == 0 else self.exit_groups[stage - 1] + 1
+    last = self.exit_groups[stage] if stage < self.final_exit else len(self.block_sizes) - 1
+    return range(first, last + 1)
+
+  def _layers_before_group(self, group):
+    """(convs, BNs) the whole network creates before block group ``group``.
+
+    Each block has as many BNs as convs (2 in building blocks, 3 in bottlenecks); each group's
+    first block adds a projection conv, and in v1 the projection's BN; v1 also has a BN after
+    the stem conv.
+    """
+    per_block = 3 if self.bottleneck else 2
+    blocks = sum(self.block_sizes[:group])
+    convs = 1 + blocks * per_block + group
+    batch_norms = blocks * per_block + (0 if self.pre_activation else 1 + group)
+    return convs, batch_norms
 
   # -- geometry ------------------------------------------------------------------------------
   def group_filters(self, group):
@@ -425,6 +454,17 @@ class Model:
       h, w = down(h, stride), down(w, stride)
       sizes.append((h, w))
     return sizes
+
+  def stage_feature_shape(self, stage, height, width):
+    """Shape, without the batch, of the features stage ``stage`` hands to the next stage.
+
+    [channels, h, w] for channels_first, [h, w, channels] for channels_last, for input images
+    of height x width.
+    """
+    group = self.stage_groups(stage)[-1]
+    h, w = self.feature_sizes(height, width)[1 + group]
+    channels = self.group_filters(group)
+    return [channels, h, w] if self.data_format == 'channels_first' else [h, w, channels]
 
   def validate_input_size(self, height, width):
     """Raises ValueError if the heads of this model cannot pool inputs of this size."""
@@ -448,19 +488,91 @@ class Model:
     """
     tag = f'{exit_id}{exit_id}'
     if self.pre_activation:
-      inputs = batch_norm(inputs, training, self.data_format, name=f'cascaded{exit_id}_bn{exit_id}')
+      inputs = batch_norm(inputs, training, self.data_format, self.batch_norm_decay,
+                          name=f'cascaded{exit_id}_bn{exit_id}')
       inputs = tf.nn.relu(inputs)
     inputs = grid_average_pool(inputs, self.exit_pool_grids[exit_id], self.data_format,
                                f'exit {exit_id}')
     inputs = tf.layers.dense(inputs, self.exit_hidden_units,
                              name=f'cascaded{exit_id}_fc{exit_id}')
-    inputs = batch_norm(inputs, training, self.data_format, name=f'cascaded{exit_id}_bn{tag}')
+    inputs = batch_norm(inputs, training, self.data_format, self.batch_norm_decay,
+                        name=f'cascaded{exit_id}_bn{tag}')
     inputs = tf.nn.relu(inputs)
     logits = tf.layers.dense(inputs, self.num_classes, name=f'cascaded{exit_id}_fc{tag}')
     return tf.identity(logits, f'clf{exit_id}_logits')
 
-  def __call__(self, inputs, training, backbone_training=None, exits=None, after_exit=None):
-    """Builds the graph up to the requested exits.
+  def _final_classifier(self, inputs, training, layers):
+    """The network's own head: [v2: BN + ReLU], global average pool, dense -> logits."""
+    if self.pre_activation:
+      inputs = tf.nn.relu(layers.batch_norm(inputs, training))
+    axes = [2, 3] if self.data_format == 'channels_first' else [1, 2]
+    # A mean over the spatial axes equals average pooling over the whole map, and is faster.
+    inputs = tf.reduce_mean(inputs, axes, keepdims=True)
+    inputs = tf.identity(inputs, 'final_reduce_mean')
+    inputs = tf.squeeze(inputs, axes)
+    inputs = tf.layers.dense(inputs, self.num_classes)
+    return tf.identity(inputs, 'final_dense')
+
+  def _stem(self, images, training, layers):
+    height, width = images.shape.as_list()[1:3]
+    if height is not None and width is not None:
+      self.validate_input_size(height, width)
+    inputs = images
+    if self.data_format == 'channels_first':
+      # Inputs arrive NHWC; NCHW is faster on GPUs.
+      inputs = tf.transpose(inputs, [0, 3, 1, 2])
+    inputs = layers.conv(inputs, self.num_filters, self.kernel_size, self.conv_stride)
+    inputs = tf.identity(inputs, 'initial_conv')
+    # v1 activates the stem here; v2 leaves it to the first block's pre-activation.
+    if not self.pre_activation:
+      inputs = tf.nn.relu(layers.batch_norm(inputs, training))
+    if self.first_pool_size:
+      inputs = tf.layers.max_pooling2d(inputs, self.first_pool_size, self.first_pool_stride,
+                                       padding='SAME', data_format=self.data_format)
+      inputs = tf.identity(inputs, 'initial_max_pool')
+    return inputs
+
+  def _build_stage(self, stage, inputs, training, backbone_training, head):
+    if backbone_training is None:
+      backbone_training = training
+    groups = self.stage_groups(stage)
+    # Stage 0 starts with the stem, i.e. with the first conv (and in v1 the first BN).
+    first = (0, 0) if stage == 0 else self._layers_before_group(groups[0])
+    layers = BackboneLayers(self.data_format, self.batch_norm_decay, *first)
+    if stage == 0:
+      inputs = self._stem(inputs, backbone_training, layers)
+    for group in groups:
+      inputs = block_layer(
+          inputs, self.num_filters * (2 ** group), self.bottleneck, self.block_fn,
+          self.block_sizes[group], self.block_strides[group], backbone_training,
+          f'block_layer{group + 1}', layers)
+    if stage == self.final_exit:
+      return None, self._final_classifier(inputs, backbone_training, layers)
+    return inputs, self._exit_head(inputs, stage, training) if head else None
+
+  def stage(self, stage, inputs, training, backbone_training=None, head=True):
+    """Builds stage ``stage`` alone, on the previous stage's features.
+
+    Args:
+      stage: 0..final_exit.
+      inputs: stage 0: [batch, height, width, channels] images (always channels_last); later
+        stages: the features the previous stage returned ([batch, C, H, W] or [batch, H, W, C]
+        by data_format, see ``stage_feature_shape``).
+      training: whether the head's BNs run in training mode.
+      backbone_training: the same for the backbone's BNs; defaults to ``training``.
+      head: build the stage's exit head (early stages only; the last stage always has its
+        classifier).
+
+    Returns:
+      (features, logits): the stage's last block group output, which feeds the next stage
+      (None after the last stage), and the exit's [batch, num_classes] logits in the model's
+      dtype (None without the head).
+    """
+    with self._model_variable_scope():
+      return self._build_stage(stage, inputs, training, backbone_training, head)
+
+  def __call__(self, inputs, training, backbone_training=None, exits=None):
+    """Builds the stages up to the deepest requested exit, with only the requested heads.
 
     Args:
       inputs: [batch, height, width, channels] images (always channels_last on input).
@@ -468,66 +580,23 @@ class Model:
         averages updated).
       backbone_training: the same for the backbone's BNs; defaults to ``training``. Head
         fine-tuning passes False so a frozen backbone keeps its statistics.
-      exits: exit ids to build; defaults to ``self.exits``.
-      after_exit: optional function (exit_id, logits, features) -> features, called after each
-        early exit's head with the group output that feeds the next group; what it returns
-        continues through the network. The real early-exit model uses it to pass on only the
-        images that did not leave (a subset of the batch).
+      exits: exit ids to build; None for every exit. ``[model.final_exit]`` is the plain
+        network of the official checkpoints.
 
     Returns:
       dict exit_id -> [batch, num_classes] logits (in the model's dtype).
     """
-    exits = tuple(sorted(set(self.exits if exits is None else exits)))
-    for exit_id in exits:
-      if not 0 <= exit_id < self.num_exits:
-        raise ValueError(f'exit ids must be in 0..{self.final_exit}, got {exit_id}')
-    if backbone_training is None:
-      backbone_training = training
-    height, width = inputs.shape.as_list()[1:3]
-    if height is not None and width is not None:
-      self.validate_input_size(height, width)
-    # The last group that has to run: the final exit needs them all.
-    last_group = max(len(self.block_sizes) - 1 if e == self.final_exit else self.exit_groups[e]
-                     for e in exits)
-
+    exits = self.check_exits(exits)
     logits = {}
-    with self._model_variable_scope(), batch_norm_decay(self.batch_norm_decay):
-      if self.data_format == 'channels_first':
-        # Inputs arrive NHWC; NCHW is faster on GPUs.
-        inputs = tf.transpose(inputs, [0, 3, 1, 2])
-      inputs = conv2d_fixed_padding(inputs, self.num_filters, self.kernel_size,
-                                    self.conv_stride, self.data_format)
-      inputs = tf.identity(inputs, 'initial_conv')
-      # v1 activates the stem here; v2 leaves it to the first block's pre-activation.
-      if not self.pre_activation:
-        inputs = tf.nn.relu(batch_norm(inputs, backbone_training, self.data_format))
-      if self.first_pool_size:
-        inputs = tf.layers.max_pooling2d(inputs, self.first_pool_size, self.first_pool_stride,
-                                         padding='SAME', data_format=self.data_format)
-        inputs = tf.identity(inputs, 'initial_max_pool')
-
-      for group, num_blocks in enumerate(self.block_sizes[:last_group + 1]):
-        inputs = block_layer(
-            inputs, self.num_filters * (2 ** group), self.bottleneck, self.block_fn, num_blocks,
-            self.block_strides[group], backbone_training, f'block_layer{group + 1}',
-            self.data_format)
-        if group in self.exit_groups:
-          exit_id = self.exit_groups.index(group)
-          if exit_id in exits:
-            logits[exit_id] = self._exit_head(inputs, exit_id, training)
-            if after_exit is not None:
-              inputs = after_exit(exit_id, logits[exit_id], inputs)
-
-      if self.final_exit in exits:
-        if self.pre_activation:
-          inputs = tf.nn.relu(batch_norm(inputs, backbone_training, self.data_format))
-        axes = [2, 3] if self.data_format == 'channels_first' else [1, 2]
-        # A mean over the spatial axes equals average pooling over the whole map, and is faster.
-        inputs = tf.reduce_mean(inputs, axes, keepdims=True)
-        inputs = tf.identity(inputs, 'final_reduce_mean')
-        inputs = tf.squeeze(inputs, axes)
-        inputs = tf.layers.dense(inputs, self.num_classes)
-        logits[self.final_exit] = tf.identity(inputs, 'final_dense')
+    # One variable scope for every stage keeps the graph names of the whole network under
+    # resnet_model/ (block_layer3, clf1_logits, final_dense, ...).
+    with self._model_variable_scope():
+      features = inputs
+      for stage in range(max(exits) + 1):
+        features, stage_logits = self._build_stage(stage, features, training,
+                                                   backbone_training, head=stage in exits)
+        if stage in exits:
+          logits[stage] = stage_logits
     return logits
 
   # -- compute cost --------------------------------------------------------------------------
@@ -550,28 +619,23 @@ class Model:
       width: input image width.
 
     Returns:
-      A list of LayerCost(stage, name, macs), in build order. Stage k is what has to run after
-      exit k-1 to produce exit k: stage 0 = stem + groups up to exit 0 + exit 0's head, ...,
-      the last stage = remaining groups + final pool + final dense.
+      A list of LayerCost(stage, name, macs), in build order (see the class docstring for
+      what each stage holds).
     """
     self.validate_input_size(height, width)
     costs = []
     sizes = self.feature_sizes(height, width)
-
-    def group_stage(group):
-      for exit_id, exit_group in enumerate(self.exit_groups):
-        if group <= exit_group:
-          return exit_id
-      return self.final_exit
+    group_stage = {group: stage for stage in range(self.num_exits)
+                   for group in self.stage_groups(stage)}
 
     def conv(stage, name, k, out_hw, c_in, c_out):
       costs.append(LayerCost(stage, name, k * k * out_hw[0] * out_hw[1] * c_in * c_out))
 
     stem_hw = (-(-height // self.conv_stride), -(-width // self.conv_stride))
-    conv(group_stage(0), 'initial_conv', self.kernel_size, stem_hw, 3, self.num_filters)
+    conv(0, 'initial_conv', self.kernel_size, stem_hw, 3, self.num_filters)
     channels = self.num_filters
     for group, num_blocks in enumerate(self.block_sizes):
-      stage = group_stage(group)
+      stage = group_stage[group]
       filters = self.num_filters * (2 ** group)
       out_channels = self.group_filters(group)
       out_hw = sizes[group + 1]
@@ -620,8 +684,7 @@ class Model:
 
 
 def imagenet_model(resnet_size=50, resnet_version=DEFAULT_VERSION, num_classes=1001,
-                   data_format=None, classifier_id=None, dtype=DEFAULT_DTYPE,
-                   batch_norm_decay=BATCH_NORM_DECAY):
+                   data_format=None, dtype=DEFAULT_DTYPE, batch_norm_decay=BATCH_NORM_DECAY):
   """The ImageNet ResNet of the 2018 official code, with exits after block groups 2 and 3."""
   resnet_size = int(resnet_size)
   return Model(
@@ -639,5 +702,4 @@ def imagenet_model(resnet_size=50, resnet_version=DEFAULT_VERSION, num_classes=1
       data_format=data_format,
       dtype=dtype,
       exit_groups=IMAGENET_EXIT_GROUPS,
-      classifier_id=classifier_id,
       batch_norm_decay=batch_norm_decay)

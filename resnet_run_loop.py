@@ -129,9 +129,26 @@ def learning_rate_with_decay(batch_size, batch_denom, num_images, boundary_epoch
 ################################################################################
 # Which exits a run builds and trains.
 ################################################################################
+ALL_EXITS = 'all'
+
+
+def parse_classifier_id(classifier_id, num_exits=3):
+  """Turns a classifier id (0..num_exits-1, or 'all') into the sorted tuple of exits to build."""
+  if isinstance(classifier_id, str) and classifier_id.strip().lower() == ALL_EXITS:
+    return tuple(range(num_exits))
+  try:
+    exit_id = int(classifier_id)
+  except (TypeError, ValueError):
+    exit_id = None
+  if exit_id is None or not 0 <= exit_id < num_exits:
+    raise ValueError(f'classifier_id must be one of {list(range(num_exits))} or '
+                     f'{ALL_EXITS!r}, got {classifier_id!r}')
+  return (exit_id,)
+
+
 def built_exits(classifier_id, num_exits):
   """Exits whose logits the graph holds: the chosen one, or all for 'all'."""
-  return resnet_model.parse_classifier_id(classifier_id, num_exits)
+  return parse_classifier_id(classifier_id, num_exits)
 
 
 def trained_exits(classifier_id, num_exits, fine_tune):
@@ -157,18 +174,19 @@ def trained_variable_groups(classifier_id, num_exits, fine_tune):
 ################################################################################
 # Model function.
 ################################################################################
-def _images_and_labels(features, labels):
-  """Features arrive as an image tensor, or as a dict carrying the labels along (dumps)."""
+def _images_labels_valid(features, labels):
+  """Features arrive as an image tensor, or as a dict carrying the labels along (dumps) and a
+  mask of the real images (``valid``, under a strategy: see ``split_into_replica_batches``)."""
   if isinstance(features, dict):
-    return features['image'], features.get('label', labels)
-  return features, labels
+    return features['image'], features.get('label', labels), features.get('valid')
+  return features, labels, None
 
 
 def resnet_model_fn(features, labels, mode, params):
   """Estimator model function for the cascaded ResNets.
 
   ``params`` (all read here, never global flags):
-    model_factory: (classifier_id, data_format, dtype) -> resnet_model.Model.
+    model_factory: (data_format, dtype) -> resnet_model.Model.
     classifier_id: 0, 1, 2 or 'all' (exits to build; see ``trained_exits`` for training).
     fine_tune: train only the chosen heads; the backbone's BNs stay in inference mode.
     data_format, dtype ('fp32' or 'fp16'), loss_scale, weight_decay, momentum,
@@ -180,16 +198,17 @@ def resnet_model_fn(features, labels, mode, params):
   Predictions per built exit k: ``clf<k>_probabilities`` [batch, num_classes] float32 and
   ``clf<k>_classes`` [batch] int64; plus ``label`` when the features carry labels.
   """
-  images, labels = _images_and_labels(features, labels)
+  images, labels, valid = _images_labels_valid(features, labels)
   dtype = tf.float16 if params['dtype'] == 'fp16' else tf.float32
-  model = params['model_factory'](params['classifier_id'], params['data_format'], dtype)
+  model = params['model_factory'](params['data_format'], dtype)
   num_exits = model.num_exits
   images = tf.cast(images, dtype)
   is_training = mode == tf.estimator.ModeKeys.TRAIN
   # While heads fine-tune, the backbone is frozen: its BNs must use (and keep) the pretrained
   # moving statistics, so they run in inference mode even though the heads train.
   backbone_training = is_training and not params['fine_tune']
-  exit_logits = model(images, training=is_training, backbone_training=backbone_training)
+  exit_logits = model(images, training=is_training, backbone_training=backbone_training,
+                      exits=built_exits(params['classifier_id'], num_exits))
   exit_logits = {k: tf.cast(v, tf.float32) for k, v in exit_logits.items()}
 
   predictions = {}
@@ -202,16 +221,21 @@ def resnet_model_fn(features, labels, mode, params):
     export_outputs = {'predict': tf.estimator.export.PredictOutput(dict(predictions))}
     if labels is not None:
       predictions['label'] = tf.identity(labels)
+    if valid is not None:
+      predictions['valid'] = tf.identity(valid)
     return tf.estimator.EstimatorSpec(mode=mode, predictions=predictions,
                                       export_outputs=export_outputs)
 
   labels = tf.cast(labels, tf.int32)
+  # Padding images (a replica's share of the last batch may be nothing but padding) weigh 0.
+  weights = None if valid is None else tf.cast(valid, tf.float32)
   if is_training:
     loss_exits = trained_exits(params['classifier_id'], num_exits, params['fine_tune'])
   else:
     loss_exits = tuple(sorted(exit_logits))
   cross_entropy = {
       k: tf.losses.sparse_softmax_cross_entropy(labels=labels, logits=exit_logits[k],
+                                                weights=1.0 if weights is None else weights,
                                                 reduction=tf.losses.Reduction.MEAN,
                                                 loss_collection=None)
       for k in loss_exits}
@@ -230,8 +254,8 @@ def resnet_model_fn(features, labels, mode, params):
 
   metrics = {}
   for exit_id in sorted(exit_logits):
-    top1 = tf.metrics.accuracy(labels, predictions[f'clf{exit_id}_classes'])
-    top5 = tf.metrics.mean(tf.nn.in_top_k(exit_logits[exit_id], labels, 5))
+    top1 = tf.metrics.accuracy(labels, predictions[f'clf{exit_id}_classes'], weights=weights)
+    top5 = tf.metrics.mean(tf.nn.in_top_k(exit_logits[exit_id], labels, 5), weights=weights)
     metrics[f'clf{exit_id}/accuracy'] = top1
     metrics[f'clf{exit_id}/accuracy_top_5'] = top5
   # 'accuracy' is the number --stop_threshold watches: the deepest exit the run evaluates.
@@ -398,10 +422,9 @@ def warm_start_model_dir(model_dir, pretrained_path, model_fn, params, image_sha
     images = tf.zeros([1] + list(image_shape), tf.float32)
     labels = tf.zeros([1], tf.int32)
     model_fn(images, labels, tf.estimator.ModeKeys.TRAIN,
-             dict(params, classifier_id=resnet_model.ALL_EXITS, fine_tune=False))
+             dict(params, classifier_id=ALL_EXITS, fine_tune=False))
     variables = tf.global_variables()
-    num_exits = params['model_factory'](params['classifier_id'], params['data_format'],
-                                        tf.float32).num_exits
+    num_exits = params['model_factory'](params['data_format'], tf.float32).num_exits
     chosen = warm_start_variables(variables, checkpoint_shapes, num_exits)
     wanted = {v.op.name: v.shape.as_list() for v in chosen}
     problems = checkpoint_mismatches(wanted, checkpoint_shapes)
@@ -496,9 +519,10 @@ def predict_with_strategy(strategy, model_fn, input_fn, checkpoint, session_conf
     model_fn: (features, labels, mode) -> EstimatorSpec whose ``predictions`` is a dict of
       [batch, ...] tensors.
     input_fn: (input_context) -> dataset of feature batches that hands the replicas their
-      batches in turn, so every step gives each replica exactly one (possibly empty) batch
-      (see ``split_into_replica_batches``). With a dataset that ends in mid-step, the replicas
-      still holding a batch in that step would drop it.
+      batches in turn, so every step gives each replica exactly one batch (see
+      ``split_into_replica_batches``; rows whose prediction ``valid`` is False are padding and
+      are dropped). With a dataset that ends in mid-step, the replicas still holding a batch in
+      that step would drop it.
     checkpoint: the checkpoint prefix to restore.
     session_config: tf.ConfigProto of the session, or None.
 
@@ -535,9 +559,20 @@ def predict_with_strategy(strategy, model_fn, input_fn, checkpoint, session_conf
           outputs = sess.run(replica_outputs)
         except tf.errors.OutOfRangeError:
           return
+        # Padding images (features['valid'] False) are dropped here, replica by replica.
+        outputs = [_real_rows(o) for o in outputs]
         rows = [len(next(iter(o.values()))) for o in outputs]
         yield {name: np.concatenate([o[name] for o in outputs]) for name in outputs[0]}, rows
   return devices, batches()
+
+
+def _real_rows(outputs):
+  """A replica's prediction dict without its padding rows (and without the ``valid`` mask)."""
+  outputs = dict(outputs)
+  valid = outputs.pop('valid', None)
+  if valid is None:
+    return outputs
+  return {name: value[valid] for name, value in outputs.items()}
 
 
 def _predict_batches(estimator, input_fn, split):
@@ -673,7 +708,7 @@ class DatasetSpec:
   name: str
   input_fn: Callable            # (is_training, data_dir, batch_size, num_epochs, dtype, split,
                                 #  datasets_num_private_threads, input_context) -> dataset
-  model_factory: Callable       # (classifier_id, data_format, dtype) -> resnet_model.Model
+  model_factory: Callable       # (data_format, dtype) -> resnet_model.Model
   learning_rate_fn: Callable    # (flags_obj, global batch size) -> (global_step -> rate)
   image_shape: tuple            # (height, width, channels) the model sees
   num_classes: int
@@ -716,30 +751,42 @@ def replica_devices(flags_obj):
 
 
 def split_into_replica_batches(dataset, num_replicas, per_replica_batch):
-  """Splits every batch into ``num_replicas`` consecutive slices, empty ones included.
+  """Splits every (features dict, labels) batch into one share per replica, none of them empty.
 
   A finite evaluation under MirroredStrategy (graph mode) feeds the replicas the batches in
   turn and gives up on the step in which one replica finds none left: the images another
   replica already holds are then counted or dropped depending on which op runs first. Cutting
-  each global batch into exactly one (possibly short or empty) batch per replica makes every
-  step complete, so every image is evaluated exactly once.
+  each global batch into exactly one share per replica makes every step complete, so every
+  image is evaluated exactly once. A share that would hold no image (the last global batch
+  may be short) holds a copy of the batch's first image instead, marked ``features['valid']``
+  False: the metrics give it no weight and the dumps drop it. No replica ever runs an empty
+  batch, which oneDNN's kernels (TensorFlow's default on Intel Xeons) cannot.
 
   Args:
-    dataset: batches of up to ``num_replicas * per_replica_batch`` elements (any structure
-      whose tensors are batched in their first dimension).
+    dataset: (features dict, labels) batches of up to ``num_replicas * per_replica_batch``
+      images, every tensor batched in its first dimension.
     num_replicas: replicas fed by this pipeline.
-    per_replica_batch: elements per replica and step.
+    per_replica_batch: images per replica and step.
 
   Returns:
-    A dataset with ``num_replicas`` times as many batches, of at most ``per_replica_batch``.
+    A dataset with ``num_replicas`` times as many batches, of 1 to ``per_replica_batch``
+    images each; their features carry ``valid`` (bool [n]).
   """
-  def split(*element):
-    element = element[0] if len(element) == 1 else element
-    count = tf.shape(tf.nest.flatten(element)[0])[0]
+  def split(features, labels):
+    count = tf.shape(labels)[0]
     starts = tf.minimum(tf.range(num_replicas) * per_replica_batch, count)
     ends = tf.minimum(starts + per_replica_batch, count)
-    return tf.data.Dataset.from_tensor_slices((starts, ends)).map(
-        lambda start, end: tf.nest.map_structure(lambda t: t[start:end], element))
+    padding = ends <= starts
+    starts = tf.where(padding, tf.zeros_like(starts), starts)
+    ends = tf.where(padding, tf.ones_like(ends), ends)
+
+    def share(start, end, padding):
+      part_features, part_labels = tf.nest.map_structure(lambda t: t[start:end],
+                                                         (features, labels))
+      part_features = dict(part_features, valid=tf.fill([end - start],
+                                                        tf.logical_not(padding)))
+      return part_features, part_labels
+    return tf.data.Dataset.from_tensor_slices((starts, ends, padding)).map(share)
   return dataset.flat_map(split)
 
 
@@ -789,7 +836,7 @@ def resnet_main(flags_obj, spec):
         f'--batch_size {flags_obj.batch_size} does not divide by the {num_replicas} replicas; '
         f'use a multiple of {num_replicas}, e.g. '
         f'{num_replicas * max(1, flags_obj.batch_size // num_replicas)}')
-  num_exits = spec.model_factory(None, 'channels_last', tf.float32).num_exits
+  num_exits = spec.model_factory('channels_last', tf.float32).num_exits
   if not flags_obj.is_cascaded and flags_obj.classifier_id not in (str(num_exits - 1),):
     raise ValueError('--nois_cascaded builds the plain network, whose only classifier is '
                      f'--classifier_id {num_exits - 1}')
@@ -800,7 +847,7 @@ def resnet_main(flags_obj, spec):
       raise ValueError('--export_cascade_dir needs --cascade_thresholds (the thresholds.json '
                        'written by analyze_imagenet_labels.py) and --epsilon')
     cascade_export.check_thresholds_fit(
-        flags_obj.cascade_thresholds, spec.model_factory('all', 'channels_last', tf.float32))
+        flags_obj.cascade_thresholds, spec.model_factory('channels_last', tf.float32))
     analysis.load_thresholds(flags_obj.cascade_thresholds, flags_obj.epsilon,
                              flags_obj.cascade_mode)
   # After the checks: a bad flag should fail the same way whether or not TF has started.
@@ -877,10 +924,12 @@ def resnet_main(flags_obj, spec):
           num_epochs=num_epochs, dtype=dtype, split=split,
           datasets_num_private_threads=flags_obj.datasets_num_private_threads,
           input_context=input_context)
+      if with_labels_in_features or split_for_replicas:
+        dataset = dataset.map(lambda image, label: ({'image': image, 'label': label}, label))
       if split_for_replicas:
         dataset = split_into_replica_batches(dataset, local_replicas, per_replica_batch)
       if with_labels_in_features:
-        dataset = dataset.map(lambda image, label: {'image': image, 'label': label})
+        dataset = dataset.map(lambda features, label: features)
       return dataset
     return input_fn
 
@@ -941,7 +990,7 @@ def resnet_main(flags_obj, spec):
     logging.info('synthetic data: no softmax dumps')
   elif flags_obj.softmax_dir:
     exits = built_exits(flags_obj.classifier_id, num_exits)
-    model = spec.model_factory(flags_obj.classifier_id, data_format, tf.float32)
+    model = spec.model_factory(data_format, tf.float32)
     height, width = spec.image_shape[:2]
     checkpoint = tf.train.latest_checkpoint(flags_obj.model_dir)
     common = {
@@ -1123,7 +1172,7 @@ def define_resnet_flags(resnet_size_choices, default_resnet_size='50', default_t
 
   def classifier_id_is_valid(value):
     try:
-      resnet_model.parse_classifier_id(value)
+      parse_classifier_id(value)
     except ValueError:
       return False
     return True

@@ -8,11 +8,14 @@ compared with the speedup the MAC counts predict for the exit shares that actual
 
 The weights are random, so the thresholds of each setting are placed at quantiles of the exit
 confidences measured on the batch itself, to make a chosen share of images leave at exits 0 and 1
-('none' never exits early). Targets: measured >= 0.9 x predicted at batch 32 and 256; with no early
-exit, the cascade at most 3% slower than the plain network.
+('none' never exits early, 'all' sends every image out at exit 0). Targets: measured >= 0.9 x
+predicted at batch 32 and 256; with no early exit, the cascade takes at most 1.03 x the plain
+network's time.
 
 Both models run at each chunk size of --chunk_sizes: 0 classifies the whole batch at once, N > 0
 in consecutive chunks of N images, as the exported SavedModel does by default (cascade_export).
+The first line names the CPU and whether TensorFlow's oneDNN kernels ran (TF_ENABLE_ONEDNN_OPTS=1
+or 0 forces either); the last line sums up the targets.
 
     python benchmarks/cascade_speedup.py                      # ResNet-50 v2, 224x224
     python benchmarks/cascade_speedup.py --image_size 128 --reps 3
@@ -31,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 
 import cascade_export  # noqa: E402
 import resnet_model  # noqa: E402
+from benchmarks import machine  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('resnet_size', 50, 'ImageNet ResNet depth.')
@@ -39,19 +43,33 @@ flags.DEFINE_list('batch_sizes', ['1', '32', '256'], 'Batch sizes to measure.')
 flags.DEFINE_integer('reps', 5, 'Timed calls per model, setting and batch size (batch 1: x10).')
 flags.DEFINE_list('chunk_sizes', ['0', str(cascade_export.DEFAULT_CHUNK_SIZE)],
                   'Chunk sizes of both models (0: the whole batch at once).')
-flags.DEFINE_string('settings', 'none:0:0,quarter:0.25:0.25,half:0.5:0.2,most:0.7:0.2',
+flags.DEFINE_string('settings', 'none:0:0,all:1:0,quarter:0.25:0.25,half:0.5:0.2,most:0.7:0.2',
                     'name:share leaving at exit 0:share of the rest leaving at exit 1, ...')
+
+
+def summary(rows):
+  """The closing line: worst measured / predicted at batch 32 and 256, no-exit overheads."""
+  parts = []
+  ratios = [r['ratio'] for r in rows if r['batch'] in (32, 256) and r['name'] != 'none']
+  if ratios:
+    parts.append('worst measured/predicted at batch 32 and 256: {:.3f} (target >= 0.9)'.format(
+        min(ratios)))
+  overheads = ['batch {} chunk {}: {:+.1%}'.format(r['batch'], r['chunk'] or 'whole',
+                                                     r['cascade_ms'] / r['plain_ms'] - 1)
+               for r in rows if r['name'] == 'none']
+  if overheads:
+    parts.append('no-exit overhead (target <= +3%): ' + ', '.join(overheads))
+  return 'summary: ' + '; '.join(parts)
 
 
 def main(_):
   tf.disable_eager_execution()
   size = FLAGS.image_size
-  model = resnet_model.imagenet_model(FLAGS.resnet_size, 2, 1001, 'channels_last', 'all')
+  model = resnet_model.imagenet_model(FLAGS.resnet_size, 2, 1001, 'channels_last')
   stage = model.stage_macs(size, size)
   cumulative = np.cumsum(stage)
   plain_macs = model.plain_macs(size, size)
   chunk_sizes = [int(c) for c in FLAGS.chunk_sizes]
-  plain_model = resnet_model.imagenet_model(FLAGS.resnet_size, 2, 1001, 'channels_last')
   graph = tf.Graph()
   with graph.as_default():
     images = tf.placeholder(tf.float32, [None, size, size, 3])
@@ -62,8 +80,8 @@ def main(_):
     signatures = {}
     with tf.variable_scope(tf.get_variable_scope(), reuse=True):
       for chunk in chunk_sizes:
-        signatures[chunk] = cascade_export.build_signatures(model, plain_model, images,
-                                                            thresholds, 'top1', chunk)
+        signatures[chunk] = cascade_export.build_signatures(model, images, thresholds, 'top1',
+                                                            chunk)
     sess = tf.Session()
     sess.run(tf.global_variables_initializer())
 
@@ -77,12 +95,14 @@ def main(_):
     name, share0, share1 = item.split(':')
     settings.append((name, float(share0), float(share1)))
 
-  print('ResNet-{} v2, {}x{}, stage MACs {}, plain {} ({} core(s))'.format(
-      FLAGS.resnet_size, size, size, stage, plain_macs, os.cpu_count()))
+  print(machine.describe())
+  print('ResNet-{} v2, {}x{}, stage MACs {}, plain {}'.format(
+      FLAGS.resnet_size, size, size, stage, plain_macs))
   print('{:>5} {:>5} {:>8} {:>14} {:>10} {:>10} {:>9} {:>9} {:>7}'.format(
       'batch', 'chunk', 'setting', 'exit shares', 'plain ms', 'cascade ms', 'predicted',
       'measured', 'ratio'))
   rng = np.random.RandomState(0)
+  rows = []
   for batch in [int(b) for b in FLAGS.batch_sizes]:
     # Unit-scale inputs keep the random network's softmax unsaturated, so the confidences are
     # distinct and their quantiles give the wanted exit shares.
@@ -110,12 +130,16 @@ def main(_):
           cascade_times.append(seconds)
         shares = np.bincount(exit_taken, minlength=3) / batch
         predicted = plain_macs / float(np.mean(cumulative[exit_taken]))
-        plain_ms = 1000 * statistics.median(plain_times)
-        cascade_ms = 1000 * statistics.median(cascade_times)
-        measured = plain_ms / cascade_ms
+        row = {'batch': batch, 'chunk': chunk, 'name': name,
+               'plain_ms': 1000 * statistics.median(plain_times),
+               'cascade_ms': 1000 * statistics.median(cascade_times)}
+        measured = row['plain_ms'] / row['cascade_ms']
+        row['ratio'] = measured / predicted
+        rows.append(row)
         print('{:>5} {:>5} {:>8} {:>14} {:>10.1f} {:>10.1f} {:>9.3f} {:>9.3f} {:>7.3f}'.format(
             batch, chunk or 'whole', name, '/'.join('{:.2f}'.format(s) for s in shares),
-            plain_ms, cascade_ms, predicted, measured, measured / predicted), flush=True)
+            row['plain_ms'], row['cascade_ms'], predicted, measured, row['ratio']), flush=True)
+  print(summary(rows))
 
 
 if __name__ == '__main__':

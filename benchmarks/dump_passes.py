@@ -60,9 +60,9 @@ flags.DEFINE_string('work_dir', None, 'Scratch folder (default: a temporary fold
 CONTENDERS = ('all', '0', '1', '2')
 
 
-def model_factory(classifier_id, data_format, dtype):
+def model_factory(data_format, dtype):
   return resnet_model.imagenet_model(FLAGS.resnet_size, 2, imagenet_main.NUM_CLASSES,
-                                     data_format, classifier_id, dtype)
+                                     data_format, dtype)
 
 
 def make_records(root):
@@ -80,7 +80,7 @@ def make_records(root):
 def write_checkpoint(model_dir):
   """Random weights for every exit, saved as a step-0 checkpoint."""
   with tf.Graph().as_default():
-    model_factory('all', 'channels_last', tf.float32)(
+    model_factory('channels_last', tf.float32)(
         tf.zeros([1, FLAGS.image_size, FLAGS.image_size, 3]), training=False)
     step = tf.train.get_or_create_global_step()
     with tf.Session() as sess:
@@ -120,7 +120,7 @@ def main(_):
     cpu_seconds = {c: [] for c in CONTENDERS}   # CPU seconds of this process per dump
     for rep in range(-FLAGS.warmup_rounds, FLAGS.repetitions):
       for contender in CONTENDERS:
-        exits = resnet_model.parse_classifier_id(contender)
+        exits = resnet_run_loop.parse_classifier_id(contender)
         softmax_dir = os.path.join(root, f'dump_{contender}')
         dump = functools.partial(resnet_run_loop.dump_softmax, estimator_for(contender, model_dir),
                                  input_fn, softmax_dir, 'validation', exits, common)

@@ -65,9 +65,9 @@ def clock():
 
 
 def model_fn_params():
-  def model_factory(classifier_id, data_format, dtype):
+  def model_factory(data_format, dtype):
     return resnet_model.imagenet_model(FLAGS.resnet_size, 2, imagenet_main.NUM_CLASSES,
-                                       data_format, classifier_id, dtype)
+                                       data_format, dtype)
   return {'model_factory': model_factory, 'classifier_id': '2', 'fine_tune': False,
           'data_format': 'channels_last', 'dtype': 'fp32', 'loss_scale': 1,
           'weight_decay': resnet_run_loop.WEIGHT_DECAY, 'momentum': resnet_run_loop.MOMENTUM,
@@ -93,7 +93,7 @@ def write_checkpoint(model_dir):
 
 def our_macs():
   """Multiply-accumulates per image of our network (resnet_model's count, pools included)."""
-  return model_fn_params()['model_factory']('2', 'channels_last', tf.float32).plain_macs(
+  return model_fn_params()['model_factory']('channels_last', tf.float32).plain_macs(
       FLAGS.image_size, FLAGS.image_size)
 
 

@@ -67,9 +67,9 @@ class Contender:
     self.graph = tf.Graph()
     batch_size = images.shape[0]
 
-    def model_factory(classifier_id, data_format, dtype):
+    def model_factory(data_format, dtype):
       return resnet_model.imagenet_model(FLAGS.resnet_size, 2, imagenet_main.NUM_CLASSES,
-                                         data_format, classifier_id, dtype)
+                                         data_format, dtype)
     schedule = imagenet_main.learning_rate_fn(types.SimpleNamespace(fine_tune=fine_tune),
                                               batch_size)
     params = {'model_factory': model_factory, 'classifier_id': classifier_id,

@@ -47,8 +47,8 @@ def fashion(tmp_path_factory):
   with open(thresholds_file, 'w') as f:
     json.dump(report, f)
 
-  def factory(classifier_id, data_format, dtype):
-    return cifar10_main.Cifar10Model(8, 2, data_format, classifier_id, dtype)
+  def factory(data_format, dtype):
+    return cifar10_main.Cifar10Model(8, 2, data_format, dtype)
 
   export_dir = cascade_export.export_cascade(
       tf.train.latest_checkpoint(model_dir), factory, (32, 32, 3), thresholds_file, epsilon,
@@ -199,15 +199,14 @@ def test_imagenet_layout_cascade_gathers_and_scatters_in_input_order(chunk_size)
 
   With chunk size 5 the 24 images go through the cascade as 4 chunks of 5 and one of 4.
   """
-  model = resnet_model.imagenet_model(18, 2, 1001, 'channels_last', 'all')
+  model = resnet_model.imagenet_model(18, 2, 1001, 'channels_last')
   rng = np.random.RandomState(1)
   images = rng.normal(0, 1, [24, 64, 64, 3]).astype(np.float32)
   with tf.Graph().as_default(), tf.Session() as sess:
     placeholder = tf.placeholder(tf.float32, [None, 64, 64, 3])
     thresholds = tf.placeholder(tf.float32, [2])
-    cascade, full = cascade_export.build_signatures(
-        model, resnet_model.imagenet_model(18, 2, 1001, 'channels_last'), placeholder,
-        thresholds, 'top5', chunk_size)
+    cascade, full = cascade_export.build_signatures(model, placeholder, thresholds, 'top5',
+                                                    chunk_size)
     num_variables = len(tf.global_variables())
     with tf.variable_scope(tf.get_variable_scope(), reuse=True):
       every = model(placeholder, training=False)
@@ -236,3 +235,44 @@ def test_imagenet_layout_cascade_gathers_and_scatters_in_input_order(chunk_size)
   np.testing.assert_array_equal(outputs['exit'], expected_exit)
   expected = np.stack([probabilities[k] for k in range(3)])[expected_exit, np.arange(24)]
   np.testing.assert_allclose(outputs['probabilities'], expected, atol=1e-5)
+
+
+_CONV_OP = re.compile(r'= \w*Conv2D\w*\((.*)\)')
+_KERNEL = re.compile(r'resnet_model/(conv2d(?:_\d+)?)/Conv2D/ReadVariableOp')
+
+
+def _executed_convs(sess, fetches, feed):
+  """Names of the conv layers whose convolutions ran in one ``sess.run``.
+
+  Read from the step statistics: each executed op's label names its inputs, and a convolution
+  (plain, or fused by oneDNN with its neighbours) takes its layer's kernel as one of them.
+  """
+  metadata = tf.RunMetadata()
+  sess.run(fetches, feed, options=tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE),
+           run_metadata=metadata)
+  labels = [n.timeline_label for d in metadata.step_stats.dev_stats for n in d.node_stats]
+  return {kernel for label in labels if (op := _CONV_OP.search(label))
+          for kernel in _KERNEL.findall(op.group(1))}
+
+
+@pytest.mark.parametrize('chunk_size', [0, 3])
+def test_a_stage_no_image_needs_does_not_run(chunk_size):
+  """Everyone leaving at exit 0 runs stage 0's convs only; an empty batch runs none."""
+  model = resnet_model.imagenet_model(18, 2, 1001, 'channels_last')
+  images = np.random.RandomState(2).normal(0, 1, [5, 64, 64, 3]).astype(np.float32)
+  stage0 = {resnet_model.layer_name('conv2d', i) for i in range(11)}   # stem + groups 1-2
+  every = {resnet_model.layer_name('conv2d', i) for i in range(21)}
+  with tf.Graph().as_default(), tf.Session() as sess:
+    placeholder = tf.placeholder(tf.float32, [None, 64, 64, 3])
+    thresholds = tf.placeholder(tf.float32, [2])
+    cascade, full = cascade_export.build_signatures(model, placeholder, thresholds, 'top1',
+                                                    chunk_size)
+    sess.run(tf.global_variables_initializer())
+    # top-1 confidences are > 0: a threshold of 0 lets every image leave at exit 0.
+    assert _executed_convs(sess, cascade, {placeholder: images, thresholds: [0, 0]}) == stage0
+    assert _executed_convs(sess, cascade, {placeholder: images, thresholds: [2, 2]}) == every
+    assert _executed_convs(sess, full, {placeholder: images}) == every
+    for fetches in (cascade, full):
+      assert _executed_convs(sess, fetches, {placeholder: images[:0], thresholds: [2, 2]}) == set()
+    outputs = sess.run(cascade, {placeholder: images, thresholds: [0, 0]})
+  np.testing.assert_array_equal(outputs['exit'], np.zeros(5))

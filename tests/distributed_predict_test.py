@@ -45,7 +45,7 @@ def model_dir(tmp_path_factory):
   """
   folder = tmp_path_factory.mktemp('model')
   rng = np.random.default_rng(0)
-  model = cifar10_main.Cifar10Model(8, 2, 'channels_last', 'all')
+  model = cifar10_main.Cifar10Model(8, 2, 'channels_last')
   with tf.Graph().as_default():
     model(tf.zeros([1, cifar10_main.HEIGHT, cifar10_main.WIDTH, cifar10_main.NUM_CHANNELS]),
           training=True)

@@ -125,7 +125,7 @@ def write_random_checkpoint(folder, resnet_size=RESNET_SIZE, seed=0):
   model = resnet_model.imagenet_model(resnet_size, 2, imagenet_main.NUM_CLASSES, 'channels_last')
   with tf.Graph().as_default() as graph:
     images = tf.random.normal([8, IMAGE_SIZE, IMAGE_SIZE, 3], stddev=60.0, seed=1)
-    model(images, training=False)
+    model(images, training=False, exits=[2])
     features = graph.get_tensor_by_name('resnet_model/final_reduce_mean:0')   # [8, 1, 1, 512]
     step = tf.train.get_or_create_global_step()
     values = {}
@@ -154,7 +154,7 @@ def write_random_checkpoint(folder, resnet_size=RESNET_SIZE, seed=0):
                   for k, v in values.items()}
 
 
-def direct_probabilities(checkpoint, jpeg_buffers, classifier_id=2):
+def direct_probabilities(checkpoint, jpeg_buffers, exits=(2,)):
   """Softmax of a model restored from ``checkpoint`` on eval-preprocessed JPEGs.
 
   Builds the model in a plain session, without the Estimator or the input pipeline.
@@ -162,15 +162,15 @@ def direct_probabilities(checkpoint, jpeg_buffers, classifier_id=2):
   Returns:
     dict exit -> float32 [len(jpeg_buffers), 1001].
   """
-  model = resnet_model.imagenet_model(RESNET_SIZE, 2, imagenet_main.NUM_CLASSES, 'channels_last',
-                                      classifier_id)
+  model = resnet_model.imagenet_model(RESNET_SIZE, 2, imagenet_main.NUM_CLASSES, 'channels_last')
   with tf.Graph().as_default():
     buffers = tf.placeholder(tf.string, [None])
     images = tf.map_fn(
         lambda b: imagenet_preprocessing.preprocess_image(
             b, tf.zeros([1, 0, 4]), IMAGE_SIZE, IMAGE_SIZE, 3, is_training=False),
         buffers, fn_output_signature=tf.float32)                  # [n, 64, 64, 3]
-    probabilities = {k: tf.nn.softmax(v) for k, v in model(images, training=False).items()}
+    probabilities = {k: tf.nn.softmax(v) for k, v in model(images, training=False,
+                                                                  exits=exits).items()}
     saver = tf.train.Saver(tf.global_variables())
     with tf.Session() as sess:
       saver.restore(sess, checkpoint)

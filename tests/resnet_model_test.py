@@ -39,7 +39,7 @@ def variable_shapes(graph):
 
 def test_plain_resnet50_v2_has_exactly_the_official_checkpoint_variables():
   official = read_fixture('official_resnet50_v2_variables.tsv')
-  graph, _, logits = build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last'))
+  graph, _, logits = build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last'), exits=[2])
   assert variable_shapes(graph) == official
   assert list(logits) == [2]
   assert logits[2].shape.as_list() == [None, 1001]
@@ -48,14 +48,14 @@ def test_plain_resnet50_v2_has_exactly_the_official_checkpoint_variables():
 def test_all_exits_add_exactly_the_original_head_variables():
   official = read_fixture('official_resnet50_v2_variables.tsv')
   heads = read_fixture('exit_heads_resnet50_v2_variables.tsv')
-  graph, _, logits = build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last', 'all'))
+  graph, _, logits = build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last'))
   assert variable_shapes(graph) == {**official, **heads}
   assert sorted(logits) == [0, 1, 2]
 
 
 @pytest.mark.parametrize('resnet_size,version', [(18, 1), (18, 2), (50, 1), (50, 2)])
 def test_head_names_and_shapes(resnet_size, version):
-  model = resnet_model.imagenet_model(resnet_size, version, 1001, 'channels_last', 'all')
+  model = resnet_model.imagenet_model(resnet_size, version, 1001, 'channels_last')
   graph, _, logits = build(model, size=64)
   shapes = variable_shapes(graph)
   expansion = 4 if resnet_size >= 50 else 1
@@ -85,9 +85,10 @@ def _subgraph_variables(graph, tensor):
 
 
 def test_exit0_alone_builds_nothing_after_group2():
-  plain_graph, _, _ = build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last'))
+  plain_graph, _, _ = build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last'), exits=[2])
   plain = list(variable_shapes(plain_graph))
-  graph, _, logits = build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last', 0), size=64)
+  graph, _, logits = build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last'), size=64,
+                           exits=[0])
   names = list(variable_shapes(graph))
   backbone = [n for n in names if resnet_model.variable_group(n) == 'backbone']
   # The stem and groups 1-2 of ResNet-50 hold 1 + 3*3 + 4*3 + 2 convs (with projections)...
@@ -101,8 +102,7 @@ def test_exit0_alone_builds_nothing_after_group2():
 
 
 def test_one_pass_serves_each_exit_with_only_the_layers_it_needs():
-  graph, _, logits = build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last', 'all'),
-                           size=64)
+  graph, _, logits = build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last'), size=64)
   needs = {k: _subgraph_variables(graph, logits[k]) for k in logits}
   groups = {k: {resnet_model.variable_group(n) for n in needs[k]} for k in needs}
   assert groups == {0: {'backbone', 'exit0'}, 1: {'backbone', 'exit1'},
@@ -114,7 +114,7 @@ def test_one_pass_serves_each_exit_with_only_the_layers_it_needs():
 
 def _run_head(data_format, features_nhwc, seed_values=None):
   """Runs exit 0's head of a ResNet-18 v2 on a given group-2 output."""
-  model = resnet_model.imagenet_model(18, 2, 10, data_format, 0)
+  model = resnet_model.imagenet_model(18, 2, 10, data_format)
   graph = tf.Graph()
   with graph.as_default():
     features = tf.constant(features_nhwc)
@@ -155,7 +155,8 @@ def test_grid_pool_equals_tensorflow_average_pool():
 
 def test_checkpoint_of_plain_model_restores_into_cascaded_backbone(tmp_path):
   prefix = str(tmp_path / 'plain.ckpt')
-  graph, _, _ = build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last'), size=32)
+  graph, _, _ = build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last'), size=32,
+                      exits=[2])
   rng = np.random.RandomState(3)
   with graph.as_default(), tf.Session() as sess:
     saved = {}
@@ -166,7 +167,7 @@ def test_checkpoint_of_plain_model_restores_into_cascaded_backbone(tmp_path):
       saved[v.op.name] = value
     tf.train.Saver().save(sess, prefix)
 
-  graph, _, _ = build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last', 'all'), size=32)
+  graph, _, _ = build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last'), size=32)
   with graph.as_default(), tf.Session() as sess:
     variables = tf.global_variables()
     restorable = [v for v in variables
@@ -195,7 +196,7 @@ def test_variable_groups():
 
 
 def test_resnet50_stage_macs_pinned_and_close_to_the_article():
-  model = resnet_model.imagenet_model(50, 2, 1001, 'channels_last', 'all')
+  model = resnet_model.imagenet_model(50, 2, 1001, 'channels_last')
   stages = model.stage_macs(224, 224)
   assert stages == [1_817_084_928, 1_467_659_264, 811_388_928]
   for ours, article in zip(stages[:2], ARTICLE_STAGE_MACS[:2], strict=True):
@@ -211,7 +212,7 @@ def test_resnet50_stage_macs_pinned_and_close_to_the_article():
 
 @pytest.mark.parametrize('resnet_size,version,size', [(50, 2, 224), (18, 1, 96)])
 def test_conv_and_dense_macs_agree_with_tensorflow_profiler(resnet_size, version, size):
-  model = resnet_model.imagenet_model(resnet_size, version, 1001, 'channels_last', 'all')
+  model = resnet_model.imagenet_model(resnet_size, version, 1001, 'channels_last')
   graph = tf.Graph()
   with graph.as_default():
     model(tf.placeholder(tf.float32, [1, size, size, 3]), training=False)
@@ -225,8 +226,7 @@ def test_conv_and_dense_macs_agree_with_tensorflow_profiler(resnet_size, version
 
 
 def test_fp16_keeps_fp32_variables():
-  model = resnet_model.imagenet_model(18, 2, 10, 'channels_last', dtype=tf.float16,
-                                      classifier_id='all')
+  model = resnet_model.imagenet_model(18, 2, 10, 'channels_last', dtype=tf.float16)
   graph = tf.Graph()
   with graph.as_default():
     logits = model(tf.placeholder(tf.float16, [None, 64, 64, 3]), training=True)
@@ -237,13 +237,90 @@ def test_fp16_keeps_fp32_variables():
 def test_bad_arguments_raise_value_errors_that_say_what_is_allowed():
   with pytest.raises(ValueError, match=r'resnet_size must be one of \[18, 34, 50, 101, 152, 200\]'):
     resnet_model.imagenet_model(51)
-  with pytest.raises(ValueError, match=r"classifier_id must be one of \[0, 1, 2\] or 'all'"):
-    resnet_model.imagenet_model(50, classifier_id=3)
+  with pytest.raises(ValueError, match=r'exit ids must be in 0..2, got \[3\]'):
+    build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last'), exits=[3])
   with pytest.raises(ValueError, match='multiple of 32'):
-    build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last', 'all'), size=200)
+    build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last'), size=200)
   with pytest.raises(ValueError, match='multiple of 32'):
     resnet_model.imagenet_model(50).stage_macs(200, 200)
   with pytest.raises(ValueError, match='resnet_version must be 1 or 2'):
     resnet_model.imagenet_model(50, resnet_version=3)
   with pytest.raises(ValueError, match='data_format'):
     resnet_model.imagenet_model(50, data_format='NHWC')
+
+
+@pytest.mark.parametrize('resnet_size,version', [(18, 1), (18, 2), (50, 1), (50, 2)])
+def test_layer_names_follow_tensorflows_automatic_numbering(resnet_size, version):
+  """The explicit names equal what TF's numbering gave the official code: in creation order."""
+  graph, _, _ = build(resnet_model.imagenet_model(resnet_size, version, 1001, 'channels_last'),
+                      size=64)
+  layers = {'conv2d': [], 'batch_normalization': []}
+  for name in variable_shapes(graph):   # In creation order.
+    layer = name.split('/')[1]
+    kind = layer.rsplit('_', 1)[0] if layer[-1].isdigit() else layer
+    if kind in layers and layer not in layers[kind]:
+      layers[kind].append(layer)
+  for kind, names in layers.items():
+    assert names == [resnet_model.layer_name(kind, i) for i in range(len(names))]
+  per_block = 3 if resnet_size >= 50 else 2
+  blocks = sum(resnet_model.imagenet_block_sizes(resnet_size))
+  assert len(layers['conv2d']) == 1 + blocks * per_block + 4
+  assert len(layers['batch_normalization']) == blocks * per_block + (1 if version == 2 else 5)
+
+
+def _stage_by_stage(model, images):
+  """Builds the model as the cascade does: every stage on its own, reusing the variables."""
+  model(images, training=False)
+  outputs = []
+  features = images
+  with tf.variable_scope(tf.get_variable_scope(), reuse=True):
+    for stage in range(model.num_exits):
+      features, logits = model.stage(stage, features, training=False)
+      outputs.append((features, logits))
+  return outputs
+
+
+@pytest.mark.parametrize('version', [1, 2])
+def test_stages_composed_equal_the_whole_model(version):
+  model = resnet_model.imagenet_model(18, version, 1001, 'channels_last')
+  images = np.random.RandomState(4).normal(0, 1, [3, 64, 64, 3]).astype(np.float32)
+  with tf.Graph().as_default(), tf.Session() as sess:
+    placeholder = tf.placeholder(tf.float32, [None, 64, 64, 3])
+    whole = model(placeholder, training=False)
+    count = len(tf.global_variables())
+    with tf.variable_scope(tf.get_variable_scope(), reuse=True):
+      staged = _stage_by_stage(model, placeholder)
+    assert len(tf.global_variables()) == count   # The stages reused every variable.
+    for stage, (features, _) in enumerate(staged[:-1]):
+      assert features.shape.as_list()[1:] == model.stage_feature_shape(stage, 64, 64)
+    assert staged[-1][0] is None
+    sess.run(tf.global_variables_initializer())
+    rng = np.random.RandomState(5)
+    for v in tf.global_variables():   # BN statistics away from 0/1, so each layer counts.
+      if v.op.name.endswith(('moving_mean', 'beta')):
+        v.load(rng.normal(0, 0.1, v.shape.as_list()).astype(np.float32), sess)
+      elif v.op.name.endswith(('moving_variance', 'gamma')):
+        v.load(rng.uniform(0.5, 1.5, v.shape.as_list()).astype(np.float32), sess)
+    got = sess.run({k: logits for k, (_, logits) in enumerate(staged)}, {placeholder: images})
+    want = sess.run(whole, {placeholder: images})
+  for k in range(3):
+    assert np.all(np.isfinite(want[k])) and np.std(want[k]) > 1e-3
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5)
+
+
+def test_a_stage_built_alone_has_the_whole_models_names_for_its_part():
+  model = resnet_model.imagenet_model(50, 2, 1001, 'channels_last')
+  whole, _, _ = build(model, size=64)
+  names = variable_shapes(whole)
+  graph = tf.Graph()
+  with graph.as_default():
+    features = tf.placeholder(tf.float32, [None] + model.stage_feature_shape(0, 64, 64))
+    _, logits = model.stage(1, features, training=False)
+  alone = variable_shapes(graph)
+  # Stage 1 is block group 3 (6 bottlenecks + projection: 19 convs, 18 BNs) and exit 1's head.
+  assert sum('conv2d' in n for n in alone) == 19
+  assert 'resnet_model/conv2d_24/kernel' in alone and 'resnet_model/conv2d_42/kernel' in alone
+  assert 'resnet_model/conv2d_23/kernel' not in alone
+  assert all(names[n] == shape for n, shape in alone.items())
+  assert {resnet_model.variable_group(n) for n in alone} == {'backbone', 'exit1'}
+  assert logits.shape.as_list() == [None, 1001]

@@ -256,9 +256,15 @@ def test_plain_network_has_only_the_final_classifier(data_dir, tmp_path):
 ###############################################################################
 # Pieces
 ###############################################################################
-def test_replica_batches_cover_every_element_once():
+@pytest.mark.parametrize('count, shares', [
+    (50, [8, 8, 8, 8, 8, 8, 2, 1]),    # 16, 16, 16, 2: the last global batch fills one share
+    (48, [8, 8, 8, 8, 8, 8]),
+    (1, [1, 1]),
+])
+def test_replica_batches_cover_every_image_once_and_none_is_empty(count, shares):
   with tf.Graph().as_default():
-    dataset = tf.data.Dataset.range(50).batch(16)  # 16, 16, 16, 2
+    dataset = tf.data.Dataset.range(count).batch(16)
+    dataset = dataset.map(lambda x: ({'image': x * 10}, x))
     dataset = resnet_run_loop.split_into_replica_batches(dataset, 2, 8)
     next_batch = tf.data.make_one_shot_iterator(dataset).get_next()
     batches = []
@@ -268,9 +274,17 @@ def test_replica_batches_cover_every_element_once():
           batches.append(sess.run(next_batch))
         except tf.errors.OutOfRangeError:
           break
-  # Every global batch gives exactly one batch per replica, the last ones short or empty.
-  assert [len(b) for b in batches] == [8, 8, 8, 8, 8, 8, 2, 0]
-  np.testing.assert_array_equal(np.concatenate(batches), np.arange(50))
+  # Every global batch gives exactly one batch per replica; a share with no image left holds
+  # a copy of the global batch's first image, marked invalid.
+  assert [len(labels) for _, labels in batches] == shares
+  valid = np.concatenate([features['valid'] for features, _ in batches])
+  labels = np.concatenate([labels for _, labels in batches])
+  images = np.concatenate([features['image'] for features, _ in batches])
+  np.testing.assert_array_equal(labels[valid], np.arange(count))
+  np.testing.assert_array_equal(images, labels * 10)
+  assert valid.sum() == count and (~valid).sum() == sum(shares) - count
+  if (~valid).any():
+    assert labels[~valid][0] == count - count % 16   # the first image of the last batch
 
 
 def test_optimizer_slots_are_told_from_model_variables():

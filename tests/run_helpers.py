@@ -90,13 +90,13 @@ def checkpoint_values(path):
   return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
 
 
-def write_random_checkpoint(prefix, resnet_size=8, resnet_version=2, classifier_id=2,
+def write_random_checkpoint(prefix, resnet_size=8, resnet_version=2, exits=(2,),
                             num_classes=cifar10_main.NUM_CLASSES, global_step=1234, seed=0):
   """Saves a CIFAR ResNet whose every variable holds random values (BN moving statistics too).
 
   Args:
     prefix: checkpoint prefix; the files are ``<prefix>-<global_step>.*``.
-    resnet_size, resnet_version, classifier_id, num_classes: the model to build.
+    resnet_size, resnet_version, exits, num_classes: the model and exits to build.
     global_step: the step recorded in the checkpoint.
     seed: random seed of the values.
 
@@ -104,11 +104,11 @@ def write_random_checkpoint(prefix, resnet_size=8, resnet_version=2, classifier_
     (the checkpoint prefix written, dict variable name -> numpy value).
   """
   rng = np.random.default_rng(seed)
-  model = cifar10_main.Cifar10Model(resnet_size, resnet_version, 'channels_last', classifier_id,
+  model = cifar10_main.Cifar10Model(resnet_size, resnet_version, 'channels_last',
                                     num_classes=num_classes)
   with tf.Graph().as_default():
     model(tf.zeros([1, cifar10_main.HEIGHT, cifar10_main.WIDTH, cifar10_main.NUM_CHANNELS]),
-          training=True)
+          training=True, exits=exits)
     step = tf.train.get_or_create_global_step()
     values = {}
     with tf.Session() as sess:

@@ -48,7 +48,9 @@ shard. Instead the converter works in two passes and never extracts anything to 
    end with its end-of-image marker is decoded in full, to tell a truncated file (an error
    naming it, or with ``--skip_bad_images`` a logged and counted skip) from one with trailing
    bytes. Workers fork from a server process that imported TensorFlow once (for its TFRecord
-   writer and tf.train.Example); the main process never imports TensorFlow.
+   writer and tf.train.Example); the main process never imports TensorFlow. The workers end
+   with the main process however it ends, even by SIGKILL, and with them the fork server and
+   multiprocessing's resource tracker.
 
 The plan does not depend on the member order inside the tarballs: the training list is sorted
 by (synset, file name) and then shuffled with ``--shuffle_seed``; validation is sorted by file
@@ -62,21 +64,29 @@ the plan; any difference is an error.
 Resuming: a shard is written as ``<name>.partial``, flushed to disk, entered in the manifest
 and only then renamed, so a killed run never leaves a file under a final shard name that is not
 complete. A rerun skips finished shards and rewrites the others; the output is deterministic,
-so a rewritten shard is byte-identical to the first one.
+so a rewritten shard is byte-identical to the first one. On an error, Ctrl-C or SIGTERM the
+running shards are finished and kept, and the ``.partial`` files removed; when the converter is
+killed outright, its workers remove them as they exit.
 """
 
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import multiprocessing
+import multiprocessing.connection
+import multiprocessing.util
 import os
 import random
 import re
+import shutil
+import signal
 import sys
 import tarfile
+import threading
 import time
 import xml.etree.ElementTree as ElementTree
 
@@ -120,6 +130,14 @@ _COMPRESSED_MAGIC = {b'\x1f\x8b': 'gzip', b'BZh': 'bzip2', b'\xfd7zXZ\x00': 'xz'
 
 class BadImageError(ValueError):
   """An image in a tarball that cannot be read (truncated, not an image, ...)."""
+
+
+class Terminated(BaseException):  # noqa: N818 (named like KeyboardInterrupt, its sibling)
+  """Raised in the converter's main thread on SIGTERM (when run as a program).
+
+  A BaseException like KeyboardInterrupt, so that no ``except Exception`` swallows it and the
+  write pass cleans up after it as after any other error.
+  """
 
 
 def shard_name(split, index, num_shards):
@@ -556,12 +574,53 @@ def count_records(path):
 _worker_state = {}
 
 
-def _init_worker(progress_counter, skip_bad_images):
+@functools.cache
+def _converter_alive_pipe():
+  """(read end, write end) of the pipe that tells the workers this process is alive.
+
+  Made once per process and never closed, so the workers read EOF exactly when this process has
+  ended (see _exit_with_converter), even a worker left behind by an interrupted start that the
+  executor does not know. The write end is not inherited by the fork server or the workers.
+  """
+  return multiprocessing.Pipe(duplex=False)
+
+
+def _init_worker(progress_counter, skip_bad_images, converter_alive, converter_temp_dir):
   # TensorFlow is needed only here. The forkserver has already imported it, so this is cheap,
   # and the parent process never touches it (which keeps forking safe).
   import tensorflow as tf  # noqa: F401
 
-  _worker_state.update(tf=tf, counter=progress_counter, skip=skip_bad_images, files={})
+  _worker_state.update(tf=tf, counter=progress_counter, skip=skip_bad_images, files={},
+                       partials=[], partials_lock=threading.Lock())
+  threading.Thread(target=_exit_with_converter, args=(converter_alive, converter_temp_dir),
+                   name='exit-with-converter', daemon=True).start()
+
+
+def _exit_with_converter(converter_alive, converter_temp_dir):
+  """Ends this worker, and removes what the converter left, once the converter is gone.
+
+  Nothing else would end it: a worker waits for its next task on the executor's queue, whose
+  write end the worker holds itself, so it never sees the converter die; its parent is the fork
+  server, which in turn waits for every worker to exit, and so does the resource tracker.
+
+  Args:
+    converter_alive: read end of a pipe whose only write end the converter holds, so it reads
+      EOF exactly when the converter has exited or been killed. Waiting on it costs nothing.
+    converter_temp_dir: the converter's multiprocessing temp folder (/tmp/pymp-*, holding the
+      fork server's socket), which a killed converter cannot remove itself; or None.
+  """
+  multiprocessing.connection.wait([converter_alive])
+  # Held until the exit, so that the main thread cannot start another shard file meanwhile.
+  with _worker_state['partials_lock']:
+    # This worker's unfinished shards, finished ones the converter did not rename any more, and
+    # a manifest the converter was writing: a rerun would replace all of them anyway.
+    for path in _worker_state['partials']:
+      for stale in (path, os.path.join(os.path.dirname(path), MANIFEST_NAME + _PARTIAL_SUFFIX)):
+        if os.path.exists(stale):
+          os.remove(stale)
+    if converter_temp_dir:
+      shutil.rmtree(converter_temp_dir, ignore_errors=True)
+    os._exit(1)
 
 
 def _read_member(archive_path, member):
@@ -654,7 +713,11 @@ def _write_shard(task):
   written, skipped, reencoded = 0, [], []
   unreported = 0
   try:
-    with tf.io.TFRecordWriter(task.partial_path) as writer:
+    # Listed before it exists, for _exit_with_converter to remove if the converter dies.
+    with _worker_state['partials_lock']:
+      _worker_state['partials'].append(task.partial_path)
+      writer = tf.io.TFRecordWriter(task.partial_path)
+    with writer:
       for i, member in enumerate(task.members):
         data = _read_member(task.archive_path, member)
         try:
@@ -879,6 +942,27 @@ def _prepare_split(output_dir, split, shards, archive_path, classes, boxes):
   return manifest, tasks
 
 
+def _start_fork_server(context, converter_alive, converter_temp_dir):
+  """Starts the fork server and waits until it has imported TensorFlow (seconds).
+
+  When the converter ends (Ctrl-C, SIGTERM, SIGKILL) while it is starting a process, the fork
+  server still starts that process afterwards. A worker started so fails with a traceback (the
+  converter's locks are gone by then); the process started here needs no lock and only removes
+  the converter's temp folder if the converter is gone. So it takes the seconds-long first
+  start, and the workers start in milliseconds.
+  """
+  process = context.Process(target=_remove_temp_dir_if_converter_gone,
+                            args=(converter_alive, converter_temp_dir), name='start-fork-server')
+  process.start()
+  process.join()
+
+
+def _remove_temp_dir_if_converter_gone(converter_alive, converter_temp_dir):
+  # The pipe is readable (at EOF) only once the converter has ended; see _exit_with_converter.
+  if converter_temp_dir and converter_alive.poll():
+    shutil.rmtree(converter_temp_dir, ignore_errors=True)
+
+
 def _run_writers(tasks, manifests, output_dir, num_workers, skip_bad_images, show_progress,
                  to_write):
   """Runs the shard tasks in worker processes; renames each shard once it is complete.
@@ -891,6 +975,12 @@ def _run_writers(tasks, manifests, output_dir, num_workers, skip_bad_images, sho
   context = multiprocessing.get_context('forkserver')
   # Workers fork from a server that imported TensorFlow once, instead of importing it each.
   context.set_forkserver_preload(['tensorflow'])
+  converter_alive = _converter_alive_pipe()[0]
+  # The temp folder is this process's own, unless this process is itself a multiprocessing
+  # child, which may have inherited its parent's.
+  temp_dir = (multiprocessing.util.get_temp_dir() if multiprocessing.parent_process() is None
+              else None)
+  _start_fork_server(context, converter_alive, temp_dir)
   counter = context.Value('q', 0)
   written = []
 
@@ -908,10 +998,13 @@ def _run_writers(tasks, manifests, output_dir, num_workers, skip_bad_images, sho
   # memory) and fails its task instead of waiting for it forever.
   executor = concurrent.futures.ProcessPoolExecutor(
       min(num_workers, len(tasks)), mp_context=context, initializer=_init_worker,
-      initargs=(counter, skip_bad_images))
-  futures = [executor.submit(_write_shard, task) for task in tasks]
-  finished = set()
+      initargs=(counter, skip_bad_images, converter_alive, temp_dir))
+  futures, finished = [], set()
   try:
+    # Inside the try: submitting starts the workers, and an interruption meanwhile must shut
+    # down the ones already started.
+    for task in tasks:
+      futures.append(executor.submit(_write_shard, task))
     with tqdm(total=to_write, unit='img', desc='write', disable=not show_progress,
               smoothing=0.1) as bar:
       pending = set(futures)
@@ -995,10 +1088,20 @@ def define_converter_flags():
                     'Leave unreadable images out (logged and counted) instead of failing.')
 
 
+def _raise_terminated(signum, frame):
+  del frame
+  # A second SIGTERM ends the converter at once; its workers still follow it.
+  signal.signal(signum, signal.SIG_DFL)
+  raise Terminated(signal.Signals(signum).name)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   f = flags.FLAGS
+  # SIGTERM (kill, timeout, a batch system's stop) cleans up as Ctrl-C does, instead of ending
+  # the process on the spot and leaving the .partial files of the running shards.
+  signal.signal(signal.SIGTERM, _raise_terminated)
   try:
     convert(f.imagenet_home, f.output_dir, splits=f.splits, train_archive=f.train_archive,
             validation_archive=f.validation_archive, devkit_archive=f.devkit_archive,
@@ -1011,6 +1114,9 @@ def main(argv):
     sys.exit(f'error: {err}')
   except KeyboardInterrupt:
     sys.exit('Interrupted. Finished shards are kept; rerun the same command to write the rest.')
+  except Terminated:
+    sys.exit('Terminated (SIGTERM). Finished shards are kept; rerun the same command to write '
+             'the rest.')
 
 
 if __name__ == '__main__':

@@ -1,14 +1,19 @@
 """Tests of Imagenet_tools/imagenet_to_tfrecords.py on miniature ILSVRC2012 downloads."""
 
 import collections
+import contextlib
 import gzip
 import io
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import imagenet_fixtures
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -315,3 +320,123 @@ def test_shell_wrapper_end_to_end(tmp_path):
   assert failed.returncode == 1
   assert 'error: The train tarball not found' in failed.stderr
   assert 'Traceback' not in failed.stderr
+
+
+def _still_running(processes):
+  """The processes that have not ended (a zombie has ended; it only waits to be reaped)."""
+  running = []
+  for process in processes:
+    try:
+      if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+        running.append(process)
+    except psutil.NoSuchProcess:
+      pass
+  return running
+
+
+def _kill(processes):
+  for process in processes:
+    with contextlib.suppress(psutil.NoSuchProcess):
+      process.kill()
+
+
+def _wait_for(condition, timeout, what, converter_process, stderr):
+  deadline = time.monotonic() + timeout
+  while not (result := condition()):
+    if converter_process.poll() is not None:
+      stderr.seek(0)
+      pytest.fail(f'The converter ended (exit code {converter_process.returncode}) before '
+                  f'{what}:\n{stderr.read()[-3000:]}')
+    if time.monotonic() > deadline:
+      pytest.fail(f'Timed out after {timeout} s waiting for {what}.')
+    time.sleep(0.005)
+  return result
+
+
+@pytest.mark.parametrize('signum', [signal.SIGKILL, signal.SIGTERM], ids=['SIGKILL', 'SIGTERM'])
+def test_killed_converter_takes_its_processes_along(signum, tmp_path):
+  # Its forkserver, workers and resource tracker (~870 MB) must end with it, however it ends.
+  # 240 images in 24 shards: enough work that the workers are caught before they finish it.
+  mini = imagenet_fixtures.make_miniature_imagenet(
+      str(tmp_path / 'imagenet'), train_per_class=40, validation_per_class=1,
+      special_files=False, with_boxes=False)
+  num_shards = 24
+  output_dir = str(tmp_path / 'out')
+  train_dir = os.path.join(output_dir, 'train')
+  # multiprocessing makes its pymp-* folders in the converter's TMPDIR.
+  temp_dir = str(tmp_path / 'tmp')
+  os.makedirs(temp_dir)
+  env = dict(os.environ, TMPDIR=temp_dir, TF_CPP_MIN_LOG_LEVEL='2')
+  descendants = []
+  # stderr goes to a file: leftover processes would keep a pipe open and block reading it.
+  with open(tmp_path / 'stderr.txt', 'w+', newline='') as stderr:
+    converter_process = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, 'Imagenet_tools', 'imagenet_to_tfrecords.py'),
+         f'--imagenet_home={mini.imagenet_home}', f'--output_dir={output_dir}', '--splits=train',
+         f'--train_shards={num_shards}', '--num_workers=2'],
+        env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    parent = psutil.Process(converter_process.pid)
+
+    def workers():
+      try:  # the workers are the forkserver's children, not the converter's
+        found = [p for p in parent.children(recursive=True) if p.ppid() != parent.pid]
+      except psutil.NoSuchProcess:
+        return None
+      return found if len(found) == 2 else None
+
+    def in_write_loop():
+      stderr.seek(0)
+      return '\rwrite:' in stderr.read()  # the progress bar: every worker has been started
+
+    try:
+      # Freeze the workers as soon as they exist, so that the conversion cannot end before the
+      # converter is signalled, whatever the machine's load.
+      frozen = _wait_for(workers, 120, 'its 2 workers started', converter_process, stderr)
+      for worker in frozen:
+        worker.suspend()
+
+      _wait_for(in_write_loop, 60, 'its write loop', converter_process, stderr)
+      # Their pids now: once the converter is gone they are reparented and cannot be found.
+      descendants = parent.children(recursive=True)
+      assert len(descendants) == 4  # forkserver, resource tracker and the 2 workers
+      commands = {p.pid: ' '.join(p.cmdline())[:100] for p in descendants}
+      start = time.monotonic()
+      converter_process.send_signal(signum)
+      for worker in frozen:
+        worker.resume()
+      converter_process.wait(timeout=60)
+      while _still_running(descendants) and time.monotonic() < start + 20:
+        time.sleep(0.05)
+      running = _still_running(descendants)
+      assert not running, (f'{signal.Signals(signum).name} of the converter left '
+                           f'{[commands[p.pid] for p in running]} running after 20 s')
+      stderr.seek(0)
+      output = stderr.read()
+    finally:
+      # A failing test must not leave the processes behind either.
+      if not descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+          descendants = parent.children(recursive=True)
+      _kill(_still_running(descendants + [parent]))
+      converter_process.wait(timeout=60)
+
+  last_line = output.rstrip().splitlines()[-1]
+  if signum == signal.SIGTERM:
+    assert converter_process.returncode == 1
+    assert last_line == ('Terminated (SIGTERM). Finished shards are kept; rerun the same '
+                         'command to write the rest.')
+    assert 'Traceback' not in output
+  else:
+    assert converter_process.returncode == -signal.SIGKILL
+  names = os.listdir(train_dir)
+  assert not [n for n in names if n.endswith('.partial')]
+  assert not [n for n in os.listdir(temp_dir) if n.startswith('pymp-')]
+
+  # A rerun writes exactly the shards that were not finished.
+  finished = {n for n in names if n.startswith('train-')}
+  summaries = imagenet_fixtures.convert_miniature(mini, output_dir, train_shards=num_shards,
+                                                  splits=('train',))
+  assert summaries['train'].shards_written == sorted(
+      {converter.shard_name('train', k, num_shards) for k in range(num_shards)} - finished)
+  records = imagenet_fixtures.read_examples(summaries['train'].shard_paths, decode=False)
+  assert sorted(r['filename'] for r in records) == sorted(mini.train)

@@ -21,6 +21,8 @@ import re
 import tensorflow.compat.v1 as tf
 from absl import app, flags, logging
 
+import input_pipeline
+import resnet_flags
 import resnet_model
 import resnet_run_loop
 
@@ -260,7 +262,7 @@ def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=tf.float32, 
     tf.logging.info('Sharding the CIFAR-10 %s records: pipeline %d of %d.', split,
                     input_context.input_pipeline_id, input_context.num_input_pipelines)
     dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-  return resnet_run_loop.process_record_dataset(
+  return input_pipeline.process_record_dataset(
       dataset, is_training, batch_size, min(num_records, _SHUFFLE_BUFFER), parse_record,
       num_epochs=num_epochs, dtype=dtype,
       datasets_num_private_threads=datasets_num_private_threads,
@@ -313,9 +315,9 @@ def learning_rate_fn(flags_obj, batch_size, num_train_images):
 
 
 def define_cifar_flags(flag_values=flags.FLAGS):
-  resnet_run_loop.define_resnet_flags(
+  resnet_flags.define_resnet_flags(
       resnet_size_choices=RESNET_SIZE_CHOICES, default_resnet_size='56',
-      default_train_epochs=182, flag_values=flag_values)
+      default_train_epochs=182, num_exits=len(EXIT_GROUPS) + 1, flag_values=flag_values)
   flag_values.set_default('data_dir', '/tmp/cifar10_data')
   flag_values.set_default('model_dir', '/tmp/cifar10_model')
   flag_values.set_default('batch_size', 128)
@@ -330,9 +332,9 @@ def _count_or_none(data_dir, split):
 
 def run_cifar(flags_obj):
   """Trains, evaluates, dumps and exports a CIFAR ResNet as the flags say."""
-  resnet_run_loop.apply_flag_defaults(flags_obj)
+  resnet_flags.apply_flag_defaults(flags_obj)
   if flags_obj.use_synthetic_data:
-    input_function = resnet_run_loop.get_synth_input_fn(HEIGHT, WIDTH, NUM_CHANNELS, NUM_CLASSES)
+    input_function = input_pipeline.get_synth_input_fn(HEIGHT, WIDTH, NUM_CHANNELS, NUM_CLASSES)
     num_images = dict(NUM_IMAGES)
   else:
     input_function = input_fn

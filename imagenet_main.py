@@ -22,6 +22,8 @@ import tensorflow.compat.v1 as tf
 from absl import app, flags, logging
 
 import imagenet_preprocessing
+import input_pipeline
+import resnet_flags
 import resnet_model
 import resnet_run_loop
 from Imagenet_tools import imagenet_to_tfrecords
@@ -34,7 +36,8 @@ NUM_IMAGES = {
     'validation': 50000,
 }
 SPLITS = tuple(NUM_IMAGES)
-NUM_SHARDS = {'train': 1024, 'validation': 128}
+NUM_SHARDS = {'train': imagenet_to_tfrecords.DEFAULT_TRAIN_SHARDS,
+              'validation': imagenet_to_tfrecords.DEFAULT_VALIDATION_SHARDS}
 DATASET_NAME = 'ImageNet'
 _SHUFFLE_BUFFER = 10000
 # Shards read at once: enough to keep the decoder busy; the interleave is deterministic outside
@@ -168,7 +171,7 @@ def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=tf.float32, 
   dataset = dataset.interleave(
       tf.data.TFRecordDataset, cycle_length=min(_CYCLE_LENGTH, len(filenames)),
       num_parallel_calls=tf.data.experimental.AUTOTUNE, deterministic=not is_training)
-  return resnet_run_loop.process_record_dataset(
+  return input_pipeline.process_record_dataset(
       dataset, is_training, batch_size, _SHUFFLE_BUFFER,
       functools.partial(parse_record, image_size=image_size), num_epochs=num_epochs,
       dtype=dtype, datasets_num_private_threads=datasets_num_private_threads)
@@ -195,9 +198,10 @@ def learning_rate_fn(flags_obj, batch_size, num_train_images=NUM_IMAGES['train']
 
 
 def define_imagenet_flags(flag_values=flags.FLAGS):
-  resnet_run_loop.define_resnet_flags(
+  resnet_flags.define_resnet_flags(
       resnet_size_choices=sorted(resnet_model.IMAGENET_BLOCK_SIZES), default_resnet_size='50',
-      default_train_epochs=90, flag_values=flag_values)
+      default_train_epochs=90, num_exits=len(resnet_model.IMAGENET_EXIT_GROUPS) + 1,
+      flag_values=flag_values)
   flags.DEFINE_integer('image_size', DEFAULT_IMAGE_SIZE, 'Side of the square images the model '
                        'sees (a multiple of 32; the official checkpoints use 224).',
                        flag_values=flag_values)
@@ -218,12 +222,12 @@ def check_image_size(image_size, resnet_size, resnet_version):
 
 def run_imagenet(flags_obj):
   """Evaluates, fine-tunes, dumps and exports as the flags say."""
-  resnet_run_loop.apply_flag_defaults(flags_obj)
+  resnet_flags.apply_flag_defaults(flags_obj)
   image_size = flags_obj.image_size
   # Before anything reads data or writes a checkpoint.
   check_image_size(image_size, flags_obj.resnet_size, flags_obj.resnet_version)
   if flags_obj.use_synthetic_data:
-    input_function = resnet_run_loop.get_synth_input_fn(image_size, image_size, NUM_CHANNELS,
+    input_function = input_pipeline.get_synth_input_fn(image_size, image_size, NUM_CHANNELS,
                                                         NUM_CLASSES)
     num_images = dict(NUM_IMAGES)
   else:

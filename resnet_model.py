@@ -683,9 +683,13 @@ class Model:
                if not c.name.startswith('cascaded'))
 
 
-def imagenet_model(resnet_size=50, resnet_version=DEFAULT_VERSION, num_classes=1001,
-                   data_format=None, dtype=DEFAULT_DTYPE, batch_norm_decay=BATCH_NORM_DECAY):
-  """The ImageNet ResNet of the 2018 official code, with exits after block groups 2 and 3."""
+def imagenet_model(resnet_size, resnet_version, num_classes, data_format=None, dtype=DEFAULT_DTYPE,
+                   batch_norm_decay=BATCH_NORM_DECAY):
+  """The ImageNet ResNet of the 2018 official code, with exits after block groups 2 and 3.
+
+  ``num_classes`` is the data set's (imagenet_main.NUM_CLASSES: 1001 for the official
+  checkpoints, whose class 0 is the unused background).
+  """
   resnet_size = int(resnet_size)
   return Model(
       resnet_size=resnet_size,

@@ -33,6 +33,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 import cascade_export  # noqa: E402
+import imagenet_main  # noqa: E402
 import resnet_model  # noqa: E402
 from benchmarks import machine  # noqa: E402
 
@@ -65,7 +66,8 @@ def summary(rows):
 def main(_):
   tf.disable_eager_execution()
   size = FLAGS.image_size
-  model = resnet_model.imagenet_model(FLAGS.resnet_size, 2, 1001, 'channels_last')
+  model = resnet_model.imagenet_model(FLAGS.resnet_size, 2, imagenet_main.NUM_CLASSES,
+                                      'channels_last')
   stage = model.stage_macs(size, size)
   cumulative = np.cumsum(stage)
   plain_macs = model.plain_macs(size, size)

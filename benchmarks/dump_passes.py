@@ -6,7 +6,7 @@ project's converter, read back through ``imagenet_main.input_fn`` (TFRecord read
 decoding, evaluation preprocessing to 224x224). The model is a cascaded ImageNet ResNet v2 with
 random weights, saved once as a checkpoint that every run restores.
 
-Each contender is one call of ``resnet_run_loop.dump_softmax`` on an Estimator built as
+Each contender is one call of ``softmax_dump.dump_softmax`` on an Estimator built as
 ``imagenet_main`` builds it, timed end to end (graph building, checkpoint restore, input pipeline,
 forward passes, writing the .npy files), i.e. what a user waits for:
 
@@ -44,6 +44,7 @@ import dump_layout  # noqa: E402
 import imagenet_main  # noqa: E402
 import resnet_model  # noqa: E402
 import resnet_run_loop  # noqa: E402
+import softmax_dump  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('num_images', 96, 'Validation images (rounded up to a multiple of 6).')
@@ -89,10 +90,9 @@ def write_checkpoint(model_dir):
 
 
 def estimator_for(classifier_id, model_dir):
-  params = {'model_factory': model_factory, 'classifier_id': classifier_id, 'fine_tune': False,
-            'data_format': 'channels_last', 'dtype': 'fp32', 'loss_scale': 1,
-            'weight_decay': resnet_run_loop.WEIGHT_DECAY, 'momentum': resnet_run_loop.MOMENTUM,
-            'learning_rate_fn': lambda step: tf.constant(0.1)}
+  model = model_factory('channels_last', tf.float32)
+  params = resnet_run_loop.RunParams(
+      model=model, plan=resnet_run_loop.ExitPlan.parse(classifier_id, model.num_exits))
   config = tf.estimator.RunConfig(session_config=tf.ConfigProto(
       intra_op_parallelism_threads=FLAGS.intra, inter_op_parallelism_threads=FLAGS.inter))
   return tf.estimator.Estimator(resnet_run_loop.resnet_model_fn, model_dir=model_dir,
@@ -120,9 +120,9 @@ def main(_):
     cpu_seconds = {c: [] for c in CONTENDERS}   # CPU seconds of this process per dump
     for rep in range(-FLAGS.warmup_rounds, FLAGS.repetitions):
       for contender in CONTENDERS:
-        exits = resnet_run_loop.parse_classifier_id(contender)
+        exits = resnet_run_loop.ExitPlan.parse(contender, 3).built
         softmax_dir = os.path.join(root, f'dump_{contender}')
-        dump = functools.partial(resnet_run_loop.dump_softmax, estimator_for(contender, model_dir),
+        dump = functools.partial(softmax_dump.dump_softmax, estimator_for(contender, model_dir),
                                  input_fn, softmax_dir, 'validation', exits, common)
         start, start_cpu = time.perf_counter(), time.process_time()
         rows = dump()

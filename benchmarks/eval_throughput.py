@@ -65,13 +65,11 @@ def clock():
 
 
 def model_fn_params():
-  def model_factory(data_format, dtype):
-    return resnet_model.imagenet_model(FLAGS.resnet_size, 2, imagenet_main.NUM_CLASSES,
-                                       data_format, dtype)
-  return {'model_factory': model_factory, 'classifier_id': '2', 'fine_tune': False,
-          'data_format': 'channels_last', 'dtype': 'fp32', 'loss_scale': 1,
-          'weight_decay': resnet_run_loop.WEIGHT_DECAY, 'momentum': resnet_run_loop.MOMENTUM,
-          'learning_rate_fn': lambda step: tf.constant(0.1)}
+  """The final classifier of ResNet-50 v2, as imagenet_main builds it for a dump."""
+  model = resnet_model.imagenet_model(FLAGS.resnet_size, 2, imagenet_main.NUM_CLASSES,
+                                      'channels_last')
+  return resnet_run_loop.RunParams(model=model,
+                                   plan=resnet_run_loop.ExitPlan.parse('2', model.num_exits))
 
 
 def session_config():
@@ -93,8 +91,7 @@ def write_checkpoint(model_dir):
 
 def our_macs():
   """Multiply-accumulates per image of our network (resnet_model's count, pools included)."""
-  return model_fn_params()['model_factory']('channels_last', tf.float32).plain_macs(
-      FLAGS.image_size, FLAGS.image_size)
+  return model_fn_params().model.plain_macs(FLAGS.image_size, FLAGS.image_size)
 
 
 class Estimator:

@@ -67,15 +67,14 @@ class Contender:
     self.graph = tf.Graph()
     batch_size = images.shape[0]
 
-    def model_factory(data_format, dtype):
-      return resnet_model.imagenet_model(FLAGS.resnet_size, 2, imagenet_main.NUM_CLASSES,
-                                         data_format, dtype)
+    model = resnet_model.imagenet_model(FLAGS.resnet_size, 2, imagenet_main.NUM_CLASSES,
+                                        'channels_last')
     schedule = imagenet_main.learning_rate_fn(types.SimpleNamespace(fine_tune=fine_tune),
                                               batch_size)
-    params = {'model_factory': model_factory, 'classifier_id': classifier_id,
-              'fine_tune': fine_tune, 'data_format': 'channels_last', 'dtype': 'fp32',
-              'loss_scale': 1, 'weight_decay': resnet_run_loop.WEIGHT_DECAY,
-              'momentum': resnet_run_loop.MOMENTUM, 'learning_rate_fn': schedule}
+    params = resnet_run_loop.RunParams(
+        model=model, plan=resnet_run_loop.ExitPlan.parse(classifier_id, model.num_exits,
+                                                         fine_tune),
+        learning_rate_fn=schedule)
     with self.graph.as_default():
       # Outside the model scope and not trainable: no variable group, never updated.
       image_var = tf.Variable(tf.zeros(images.shape), trainable=False, name='bench_images')

@@ -17,6 +17,7 @@ import threading
 
 import numpy as np
 import pytest
+import run_helpers
 import tensorflow.compat.v1 as tf
 
 import cifar10_download_and_extract
@@ -27,16 +28,9 @@ NUM_TRAIN = 103  # 21/21/21/20/20 records over the five training files
 NUM_TEST = 37
 
 
-def _require_fashion_mnist():
-  folder = prepare_fashion_mnist.DEBIAN_DIR
-  if prepare_fashion_mnist._missing_files(folder):
-    pytest.skip(f'Fashion-MNIST is not in {folder}: apt-get install dataset-fashion-mnist')
-  return folder
-
-
 def _source(split, limit):
   """Fashion-MNIST read straight from the idx files: uint8 [limit, 28, 28], uint8 [limit]."""
-  folder = _require_fashion_mnist()
+  folder = run_helpers.require_fashion_mnist()
   images_name, labels_name, _ = prepare_fashion_mnist.SOURCES[split]
   with gzip.open(os.path.join(folder, images_name)) as f:
     images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
@@ -76,7 +70,7 @@ def _collect(make_dataset, max_batches=None):
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-  folder = _require_fashion_mnist()
+  folder = run_helpers.require_fashion_mnist()
   out = str(tmp_path_factory.mktemp('fashion_cifar'))
   prepare_fashion_mnist.prepare(out, fashion_mnist_dir=folder, train_limit=NUM_TRAIN,
                                 test_limit=NUM_TEST, allow_install=False)

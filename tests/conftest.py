@@ -1,4 +1,9 @@
-"""Shared test setup: quiet TensorFlow, graph mode, repository root importable."""
+"""Shared test set-up: TensorFlow's C++ logs kept quiet.
+
+The repository root is importable through pyproject.toml's ``pythonpath``; the test modules that
+build TF 1 graphs call ``tf.disable_eager_execution()`` themselves or build inside a
+``tf.Graph().as_default()`` block.
+"""
 
 import os
 

@@ -18,6 +18,7 @@ import shutil
 import imagenet_fixtures
 import numpy as np
 import pytest
+import run_helpers
 import tensorflow.compat.v1 as tf
 from absl import flags
 from absl import logging as absl_logging
@@ -100,14 +101,6 @@ def pipeline_order(shards, cycle_length=10):
     for i in range(max(len(s) for s in group)):
       rows.extend(s[i] for s in group if i < len(s))
   return rows
-
-
-def checkpoint_values(path):
-  """Every variable of a checkpoint (prefix, or folder with a latest checkpoint) as numpy."""
-  if os.path.isdir(path):
-    path = tf.train.latest_checkpoint(path)
-  reader = tf.train.load_checkpoint(path)
-  return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
 
 
 def write_random_checkpoint(folder, resnet_size=RESNET_SIZE, seed=0):
@@ -328,8 +321,8 @@ def test_fine_tuning_leaves_the_backbone_and_final_classifier_as_pretrained(read
   trained_heads = {'clf0': {0}, 'clf1': {1}, 'cascade': {0, 1}}
   for name, heads in trained_heads.items():
     model_dir = readme_runs.model_dirs[name]
-    final = checkpoint_values(model_dir)
-    start = checkpoint_values(os.path.join(model_dir, 'model.ckpt-0'))
+    final = run_helpers.checkpoint_values(model_dir)
+    start = run_helpers.checkpoint_values(os.path.join(model_dir, 'model.ckpt-0'))
     assert final['global_step'] == TRAIN_STEPS and start['global_step'] == 0
     for var_name, value in pretrained_values.items():
       if var_name == 'global_step':

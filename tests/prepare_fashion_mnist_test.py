@@ -15,21 +15,19 @@ import threading
 
 import numpy as np
 import pytest
+import run_helpers
 
 import cifar10_main
 import prepare_fashion_mnist as pfm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD = 1 + 3 * 32 * 32
-# Captured at import: some tests point pfm.DEBIAN_DIR elsewhere.
-DEBIAN_DIR = pfm.DEBIAN_DIR
 
 
 @pytest.fixture(scope='module')
 def debian_dir():
-  if pfm._missing_files(DEBIAN_DIR):
-    pytest.skip(f'Fashion-MNIST is not in {DEBIAN_DIR}: apt-get install dataset-fashion-mnist')
-  return DEBIAN_DIR
+  # At module set-up, before any test points pfm.DEBIAN_DIR elsewhere.
+  return run_helpers.require_fashion_mnist()
 
 
 def _read_source(folder, name, offset):

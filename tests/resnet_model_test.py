@@ -236,17 +236,17 @@ def test_fp16_keeps_fp32_variables():
 
 def test_bad_arguments_raise_value_errors_that_say_what_is_allowed():
   with pytest.raises(ValueError, match=r'resnet_size must be one of \[18, 34, 50, 101, 152, 200\]'):
-    resnet_model.imagenet_model(51)
+    resnet_model.imagenet_model(51, 2, 1001)
   with pytest.raises(ValueError, match=r'exit ids must be in 0..2, got \[3\]'):
     build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last'), exits=[3])
   with pytest.raises(ValueError, match='multiple of 32'):
     build(resnet_model.imagenet_model(50, 2, 1001, 'channels_last'), size=200)
   with pytest.raises(ValueError, match='multiple of 32'):
-    resnet_model.imagenet_model(50).stage_macs(200, 200)
+    resnet_model.imagenet_model(50, 2, 1001).stage_macs(200, 200)
   with pytest.raises(ValueError, match='resnet_version must be 1 or 2'):
-    resnet_model.imagenet_model(50, resnet_version=3)
+    resnet_model.imagenet_model(50, 3, 1001)
   with pytest.raises(ValueError, match='data_format'):
-    resnet_model.imagenet_model(50, data_format='NHWC')
+    resnet_model.imagenet_model(50, 2, 1001, data_format='NHWC')
 
 
 @pytest.mark.parametrize('resnet_size,version', [(18, 1), (18, 2), (50, 1), (50, 2)])

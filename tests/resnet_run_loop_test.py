@@ -19,8 +19,11 @@ import run_helpers
 import tensorflow.compat.v1 as tf
 from absl import flags
 
+import cifar10_main
 import resnet_model
 import resnet_run_loop
+import softmax_dump
+import warm_start
 
 NUM_TRAIN = 200
 NUM_VALIDATION = 60
@@ -33,12 +36,12 @@ def _group(name):
 
 
 def _is_slot(name, names):
-  return name in resnet_run_loop.optimizer_slot_names(names)
+  return name in warm_start.optimizer_slot_names(names)
 
 
 def _model_values(values):
   """The model's variables of a checkpoint (no optimizer slots, no global step)."""
-  slots = resnet_run_loop.optimizer_slot_names(values)
+  slots = warm_start.optimizer_slot_names(values)
   return {k: v for k, v in values.items() if _group(k) and k not in slots}
 
 
@@ -265,7 +268,7 @@ def test_replica_batches_cover_every_image_once_and_none_is_empty(count, shares)
   with tf.Graph().as_default():
     dataset = tf.data.Dataset.range(count).batch(16)
     dataset = dataset.map(lambda x: ({'image': x * 10}, x))
-    dataset = resnet_run_loop.split_into_replica_batches(dataset, 2, 8)
+    dataset = softmax_dump.split_into_replica_batches(dataset, 2, 8)
     next_batch = tf.data.make_one_shot_iterator(dataset).get_next()
     batches = []
     with tf.Session() as sess:
@@ -290,16 +293,22 @@ def test_replica_batches_cover_every_image_once_and_none_is_empty(count, shares)
 def test_optimizer_slots_are_told_from_model_variables():
   names = ['resnet_model/conv2d/kernel', 'resnet_model/conv2d/kernel/Momentum',
            'resnet_model/batch_normalization/moving_mean', 'global_step']
-  assert resnet_run_loop.optimizer_slot_names(names) == {'resnet_model/conv2d/kernel/Momentum'}
+  assert warm_start.optimizer_slot_names(names) == {'resnet_model/conv2d/kernel/Momentum'}
 
 
 def test_train_schedule_cycles():
   schedule = resnet_run_loop.train_schedule
   assert schedule(run_helpers.parse_cifar_flags(['-te', '8', '-ebe', '3'])) == [3, 6, 8]
   assert schedule(run_helpers.parse_cifar_flags(['-te', '8', '--eval_only'])) == []
-  assert resnet_run_loop.trained_exits('all', 3, fine_tune=True) == (0, 1)
-  assert resnet_run_loop.trained_exits('all', 3, fine_tune=False) == (0, 1, 2)
-  assert resnet_run_loop.trained_exits('2', 3, fine_tune=True) == (2,)
+  plan = resnet_run_loop.ExitPlan.parse
+  assert plan('all', 3, fine_tune=True).trained == (0, 1)
+  assert plan('all', 3, fine_tune=False).trained == (0, 1, 2)
+  assert plan('2', 3, fine_tune=True).trained == (2,)
+  assert plan('2', 3, fine_tune=True).trained_groups(3) == {'final_dense'}
+  assert plan('all', 3, fine_tune=True).trained_groups(3) == {'exit0', 'exit1'}
+  assert plan('0', 3).built == (0,) and plan('0', 3).trained_groups(3) is None
+  with pytest.raises(ValueError, match=r"--classifier_id must be one of \[0, 1, 2\] or 'all'"):
+    plan('3', 3)
 
 
 def test_tensorflow_log_lines_are_printed_once():
@@ -314,3 +323,50 @@ def test_tensorflow_log_lines_are_printed_once():
                           text=True, check=True,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
   assert result.stderr.count('marker 4321') == 1, result.stderr
+
+
+@pytest.mark.parametrize('classifier_id, fine_tune', [('0', False), ('all', False),
+                                                      ('all', True), ('2', True)])
+@pytest.mark.parametrize('mode', ['train', 'eval', 'infer'])
+def test_model_fn_contract(mode, classifier_id, fine_tune):
+  """Per mode and exit plan: prediction keys and dtypes, a scalar loss, the metric names."""
+  model = cifar10_main.Cifar10Model(8, 2, 'channels_last')
+  plan = resnet_run_loop.ExitPlan.parse(classifier_id, model.num_exits, fine_tune)
+  params = resnet_run_loop.RunParams(model=model, plan=plan,
+                                     learning_rate_fn=lambda step: tf.constant(0.1))
+  with tf.Graph().as_default():
+    images = tf.zeros([4, 32, 32, 3])
+    labels = tf.constant([0, 1, 2, 3])
+    spec = resnet_run_loop.resnet_model_fn(
+        {'image': images, 'label': labels} if mode == 'infer' else images,
+        None if mode == 'infer' else labels, mode, params)
+    trainable = {resnet_model.variable_group(v.op.name) for v in tf.trainable_variables()}
+  want = {}
+  for k in plan.built:
+    want[f'clf{k}_probabilities'] = (tf.float32, [4, 10])
+    want[f'clf{k}_classes'] = (tf.int64, [4])
+  if mode == 'infer':
+    want['label'] = (tf.int32, [4])
+  got = {name: (t.dtype, t.shape.as_list()) for name, t in spec.predictions.items()}
+  assert got == want
+  if mode == 'infer':
+    assert spec.loss is None and 'predict' in spec.export_outputs
+    return
+  assert spec.loss.shape.as_list() == [] and spec.loss.dtype == tf.float32
+  metrics = {f'clf{k}/{m}' for k in plan.built for m in ('accuracy', 'accuracy_top_5')}
+  assert set(spec.eval_metric_ops) == metrics | {'accuracy', 'accuracy_top_5'}
+  assert (spec.train_op is not None) == (mode == 'train')
+  # The graph builds exactly the built exits' heads (on the backbone up to the deepest one).
+  heads = {resnet_model.head_group(k) for k in plan.built}
+  assert trainable - {'backbone'} == heads
+
+
+def test_synthetic_data_runs_end_to_end_without_data(tmp_path):
+  model_dir = tmp_path / 'model'
+  results = run_helpers.run_cifar('-md', model_dir, *MODEL_FLAGS, '--use_synthetic_data',
+                                  '--classifier_id', 'all', '-bs', 8, '-te', 1,
+                                  '--max_train_steps', 3, '--hooks=', '-dd', tmp_path / 'none')
+  assert results['eval']['global_step'] == 3
+  assert 0.0 <= results['eval']['clf1/accuracy'] <= 1.0
+  assert results['dumped'] == {}     # synthetic data is never dumped
+  assert tf.train.latest_checkpoint(str(model_dir)).endswith('-3')

@@ -1,0 +1,51 @@
+"""Input pipeline pieces the dataset mains share: records to batches, and synthetic input."""
+
+import tensorflow.compat.v1 as tf
+
+
+def process_record_dataset(dataset, is_training, batch_size, shuffle_buffer, parse_record_fn,
+                           num_epochs=1, dtype=tf.float32, datasets_num_private_threads=None,
+                           drop_remainder=False):
+  """Turns a dataset of serialized records into batches of (image, label).
+
+  Args:
+    dataset: tf.data.Dataset of serialized records, in the order they should be read.
+    is_training: shuffle, repeat ``num_epochs`` times and augment.
+    batch_size: examples per batch (per input pipeline).
+    shuffle_buffer: records in the shuffle buffer (training only).
+    parse_record_fn: (record, is_training, dtype) -> (image, label).
+    num_epochs: repetitions when training; evaluation always reads each record once.
+    dtype: image dtype.
+    datasets_num_private_threads: size of a private thread pool for tf.data, or None.
+    drop_remainder: drop the final partial batch (never for evaluation: every image counts).
+
+  Returns:
+    A dataset of ([batch, height, width, channels] images, [batch] int32 labels).
+  """
+  dataset = dataset.prefetch(buffer_size=batch_size)
+  if is_training:
+    dataset = dataset.shuffle(buffer_size=shuffle_buffer)
+    dataset = dataset.repeat(num_epochs)
+  dataset = dataset.map(lambda record: parse_record_fn(record, is_training, dtype),
+                        num_parallel_calls=tf.data.experimental.AUTOTUNE,
+                        deterministic=not is_training)
+  dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+  dataset = dataset.prefetch(buffer_size=tf.data.experimental.AUTOTUNE)
+  if datasets_num_private_threads:
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = datasets_num_private_threads
+    dataset = dataset.with_options(options)
+  return dataset
+
+
+def get_synth_input_fn(height, width, num_channels, num_classes, dtype=tf.float32):
+  """An input function of random images, to measure the model without the input pipeline."""
+  def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=dtype, split=None,
+               **unused_kwargs):
+    del is_training, data_dir, num_epochs, split
+    images = tf.random.truncated_normal([batch_size, height, width, num_channels], dtype=dtype,
+                                        mean=127, stddev=60, name='synthetic_inputs')
+    labels = tf.random.uniform([batch_size], minval=0, maxval=num_classes - 1, dtype=tf.int32,
+                               name='synthetic_labels')
+    return tf.data.Dataset.from_tensors((images, labels)).repeat()
+  return input_fn

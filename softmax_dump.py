@@ -1,0 +1,250 @@
+"""Softmax dumps: every requested exit's probabilities for a whole split, from one forward pass.
+
+Writes the layout of ``dump_layout`` (labels and per-exit probabilities, row i the same image in
+every file) on one device with ``Estimator.predict``, or on every replica of a MirroredStrategy at
+once (``predict_with_strategy``: ``Estimator.predict`` has no strategies), with each global batch
+cut into one non-empty share per replica (``split_into_replica_batches``). A dump checks its
+labels against the dumps already in the folder, batch by batch.
+"""
+
+import inspect
+import os
+import time
+
+import numpy as np
+import tensorflow.compat.v1 as tf
+from absl import logging
+
+import dump_layout
+
+
+def split_into_replica_batches(dataset, num_replicas, per_replica_batch):
+  """Splits every (features dict, labels) batch into one share per replica, none of them empty.
+
+  A finite evaluation under MirroredStrategy (graph mode) feeds the replicas the batches in
+  turn and gives up on the step in which one replica finds none left: the images another
+  replica already holds are then counted or dropped depending on which op runs first. Cutting
+  each global batch into exactly one share per replica makes every step complete, so every
+  image is evaluated exactly once. A share that would hold no image (the last global batch
+  may be short) holds a copy of the batch's first image instead, marked ``features['valid']``
+  False: the metrics give it no weight and the dumps drop it. No replica ever runs an empty
+  batch, which oneDNN's kernels (TensorFlow's default on Intel Xeons) cannot.
+
+  Args:
+    dataset: (features dict, labels) batches of up to ``num_replicas * per_replica_batch``
+      images, every tensor batched in its first dimension.
+    num_replicas: replicas fed by this pipeline.
+    per_replica_batch: images per replica and step.
+
+  Returns:
+    A dataset with ``num_replicas`` times as many batches, of 1 to ``per_replica_batch``
+    images each; their features carry ``valid`` (bool [n]).
+  """
+  def split(features, labels):
+    count = tf.shape(labels)[0]
+    starts = tf.minimum(tf.range(num_replicas) * per_replica_batch, count)
+    ends = tf.minimum(starts + per_replica_batch, count)
+    padding = ends <= starts
+    starts = tf.where(padding, tf.zeros_like(starts), starts)
+    ends = tf.where(padding, tf.ones_like(ends), ends)
+
+    def share(start, end, padding):
+      part_features, part_labels = tf.nest.map_structure(lambda t: t[start:end],
+                                                         (features, labels))
+      part_features = dict(part_features, valid=tf.fill([end - start],
+                                                        tf.logical_not(padding)))
+      return part_features, part_labels
+    return tf.data.Dataset.from_tensor_slices((starts, ends, padding)).map(share)
+  return dataset.flat_map(split)
+
+
+def predict_with_strategy(strategy, model_fn, input_fn, checkpoint, session_config=None):
+  """Predicts on every replica of ``strategy`` at once (graph mode), batch by batch.
+
+  ``Estimator.predict`` ignores distribution strategies and predicts on one device; this
+  builds the PREDICT graph once per replica under ``strategy`` instead, restores
+  ``checkpoint`` and runs the replicas side by side until the input ends.
+
+  Args:
+    strategy: a tf.compat.v1 distribution strategy, e.g. MirroredStrategy over N devices.
+    model_fn: (features, labels, mode) -> EstimatorSpec whose ``predictions`` is a dict of
+      [batch, ...] tensors.
+    input_fn: (input_context) -> dataset of feature batches that hands the replicas their
+      batches in turn, so every step gives each replica exactly one batch (see
+      ``split_into_replica_batches``; rows whose prediction ``valid`` is False are padding and
+      are dropped). With a dataset that ends in mid-step, the replicas still holding a batch in
+      that step would drop it.
+    checkpoint: the checkpoint prefix to restore.
+    session_config: tf.ConfigProto of the session, or None.
+
+  Returns:
+    (devices, batches): the device of each replica's predictions, in replica order; and a
+    generator that restores the checkpoint when first advanced, then yields per step a pair
+    (dict name -> numpy [global batch, ...] with replica 0's rows first, i.e. in input order,
+    as ``Estimator.predict(yield_single_examples=False)`` gives; the number of rows of each
+    replica).
+  """
+  graph = tf.Graph()
+  with graph.as_default(), strategy.scope():
+    iterator = strategy.make_input_fn_iterator(input_fn)
+    features = iterator.get_next()
+
+    def replica_fn(replica_features):
+      return model_fn(replica_features, None, tf.estimator.ModeKeys.PREDICT).predictions
+    per_replica = strategy.extended.call_for_each_replica(replica_fn, args=(features,))
+    # One dict per replica, in replica order. Fetching them apart and concatenating in numpy
+    # (not with tf.concat on one device) adds no cross-device copy and counts each replica's rows.
+    replica_outputs = [dict(zip(per_replica, values, strict=True)) for values in zip(
+        *(strategy.experimental_local_results(t) for t in per_replica.values()), strict=True)]
+    devices = [next(iter(outputs.values())).device for outputs in replica_outputs]
+    saver = tf.train.Saver()
+    initializer = iterator.initialize()
+  graph.finalize()
+
+  def batches():
+    with tf.Session(graph=graph, config=session_config) as sess:
+      saver.restore(sess, checkpoint)
+      sess.run(initializer)
+      while True:
+        try:
+          outputs = sess.run(replica_outputs)
+        except tf.errors.OutOfRangeError:
+          return
+        # Padding images (features['valid'] False) are dropped here, replica by replica.
+        outputs = [_real_rows(o) for o in outputs]
+        rows = [len(next(iter(o.values()))) for o in outputs]
+        yield {name: np.concatenate([o[name] for o in outputs]) for name in outputs[0]}, rows
+  return devices, batches()
+
+
+def _real_rows(outputs):
+  """A replica's prediction dict without its padding rows (and without the ``valid`` mask)."""
+  outputs = dict(outputs)
+  valid = outputs.pop('valid', None)
+  if valid is None:
+    return outputs
+  return {name: value[valid] for name, value in outputs.items()}
+
+
+def _predict_batches(estimator, input_fn, split):
+  """The estimator's prediction batches, on every replica of its evaluation strategy.
+
+  Yields:
+    dicts name -> numpy [batch, ...], in input order.
+  """
+  strategy = estimator.config.eval_distribute
+  if strategy is None or strategy.num_replicas_in_sync == 1:
+    # Estimator.predict places the graph by TF's default: the first GPU if there is one.
+    default_device = '/gpu:0' if tf.config.list_logical_devices('GPU') else '/cpu:0'
+    logging.info('dump %s: predicting on one device (Estimator.predict, %s)', split,
+                 default_device)
+    yield from estimator.predict(input_fn, yield_single_examples=False)
+    return
+  checkpoint = tf.train.latest_checkpoint(estimator.model_dir)
+  if not checkpoint:
+    raise ValueError(f'{estimator.model_dir} holds no checkpoint to dump the softmax of; train '
+                     'first or pass --pretrained_model_checkpoint_path')
+  if 'input_context' not in inspect.signature(input_fn).parameters:
+    raise TypeError('a dump over several replicas needs an input_fn(input_context) that splits '
+                    'each global batch into one batch per replica (split_into_replica_batches)')
+
+  def model_fn(features, labels, mode):
+    return estimator.model_fn(features, labels, mode, estimator.config)
+  devices, batches = predict_with_strategy(strategy, model_fn, input_fn, checkpoint,
+                                           estimator.config.session_config)
+  logging.info('dump %s: predicting with %s on %d replicas: %s', split,
+               type(strategy).__name__, len(devices), ', '.join(devices))
+  replica_rows = [0] * len(devices)
+  for batch, rows in batches:
+    replica_rows = [total + new for total, new in zip(replica_rows, rows, strict=True)]
+    yield batch
+  logging.info('dump %s: images predicted per replica: %s', split,
+               ', '.join(f'{device}: {count}'
+                         for device, count in zip(devices, replica_rows, strict=True)))
+
+
+def dump_softmax(estimator, input_fn, softmax_dir, split, exits, manifest_common,
+                 expected_images=None):
+  """Writes ``split``'s labels and every exit's probabilities, all from one forward pass.
+
+  Args:
+    estimator: the Estimator; its model_dir's latest checkpoint is used, on every replica of
+      its evaluation strategy (``Estimator.predict`` when there is one replica).
+    input_fn: (input_context=None) -> dataset of ({'image', 'label'}) batches, fixed order,
+      each image once; over several replicas, one batch per replica and step (see
+      ``predict_with_strategy``).
+    softmax_dir: the dump folder (see dump_layout).
+    split: 'validation' or 'train'.
+    exits: exit ids to write.
+    manifest_common: split-independent manifest fields.
+    expected_images: the split's nominal size, to warn when the records hold another count.
+
+  Returns:
+    The number of rows written.
+  """
+  writers = {'label': dump_layout.NpyRowWriter(
+      dump_layout.labels_path(softmax_dir, split), np.int32)}
+  num_classes = manifest_common['num_classes']
+  for exit_id in exits:
+    writers[exit_id] = dump_layout.NpyRowWriter(
+        dump_layout.probabilities_path(softmax_dir, split, exit_id), np.float32, (num_classes,))
+  labels_check = _LabelsCheck(softmax_dir, split)
+  start = time.time()
+  try:
+    for batch in _predict_batches(estimator, input_fn, split):
+      labels_check.next_batch(batch['label'])
+      writers['label'].write(batch['label'])
+      for exit_id in exits:
+        writers[exit_id].write(batch[f'clf{exit_id}_probabilities'])
+      rows = writers['label'].num_rows
+      if rows // 10000 != (rows - len(batch['label'])) // 10000:
+        logging.info('dump %s: %d images, %.1f images/s', split, rows,
+                     rows / (time.time() - start))
+    labels_check.finish()
+  except BaseException:
+    for writer in writers.values():
+      writer.abort()
+    raise
+  for writer in writers.values():
+    writer.close()
+  rows = writers['label'].num_rows
+  if expected_images is not None and rows != expected_images:
+    logging.warning('dumped %d %s images, but the data set nominally has %d', rows, split,
+                    expected_images)
+  dump_layout.merge_manifest(softmax_dir, split, rows, exits, manifest_common)
+  logging.info('dumped %s: %d images, exits %s, into %s (%.1f images/s)', split, rows,
+               list(exits), dump_layout.split_dir(softmax_dir, split),
+               rows / max(time.time() - start, 1e-9))
+  return rows
+
+
+class _LabelsCheck:
+  """A dump must describe the same images, in the same order, as the dumps already there.
+
+  Checked batch by batch, so a dump over another data set stops at its first batch rather than
+  after the whole split.
+  """
+
+  def __init__(self, softmax_dir, split):
+    self._where = dump_layout.split_dir(softmax_dir, split)
+    path = dump_layout.labels_path(softmax_dir, split)
+    self._existing = np.load(path, mmap_mode='r') if os.path.exists(path) else None
+    self._rows = 0
+
+  def next_batch(self, labels):
+    if self._existing is None:
+      return
+    expected = self._existing[self._rows:self._rows + len(labels)]
+    self._rows += len(labels)
+    if not np.array_equal(expected, labels):
+      self._fail('from image {} on'.format(self._rows - len(labels)))
+
+  def finish(self):
+    if self._existing is not None and self._rows != len(self._existing):
+      self._fail('in number')
+
+  def _fail(self, how):
+    raise ValueError(
+        f'{self._where} already holds labels for {len(self._existing)} images that differ {how} '
+        'from the images of this run (another data set, split order or record set?); dump into '
+        'another --softmax_dir or delete the old dumps')

@@ -36,10 +36,10 @@ import time
 import numpy as np
 import tensorflow.compat.v1 as tf
 
-import analyze_imagenet_labels as analysis
+import cascade_thresholds
 
 CASCADE_INFO = 'cascade_info.json'
-TOP_K = 5
+TOP_K = cascade_thresholds.TOP_K
 DEFAULT_CHUNK_SIZE = 8
 # dtype of each per-image output; _per_image_outputs builds them, in_chunks collects them.
 OUTPUT_DTYPES = {'probabilities': tf.float32, 'classes': tf.int64, 'top5_classes': tf.int32,
@@ -225,24 +225,6 @@ def build_signatures(model, images, thresholds, mode, chunk_size):
   return cascade, full
 
 
-def check_thresholds_fit(thresholds_file, model):
-  """The thresholds file must describe a model with this class and exit count."""
-  with open(thresholds_file) as f:
-    report = json.load(f)
-  problems = []
-  if report.get('num_classes') != model.num_classes:
-    problems.append('{} classes (the model has {})'.format(report.get('num_classes'),
-                                                           model.num_classes))
-  if report.get('num_exits') != model.num_exits:
-    problems.append('{} exits (the model has {})'.format(report.get('num_exits'),
-                                                        model.num_exits))
-  if problems:
-    raise ValueError('--cascade_thresholds {} was made for another model: {}; run '
-                     'analyze_imagenet_labels.py on this model\'s dumps'.format(
-                         thresholds_file, ' and '.join(problems)))
-  return report
-
-
 def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsilon, mode,
                    export_dir_base, dataset, data_format='channels_last',
                    image_bytes_fn=None, chunk_size=DEFAULT_CHUNK_SIZE):
@@ -266,8 +248,8 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
     The folder of the SavedModel.
   """
   model = model_factory(data_format, tf.float32)
-  report = check_thresholds_fit(thresholds_file, model)
-  thresholds = [float(t) for t in analysis.load_thresholds(thresholds_file, epsilon, mode)]
+  report = cascade_thresholds.read(thresholds_file, model.num_classes, model.num_exits)
+  thresholds = report.thresholds(mode, epsilon)
   if not tf.train.checkpoint_exists(checkpoint or ''):
     raise FileNotFoundError('no checkpoint {!r} to export; train the exit heads first '
                             '(--fine_tune --classifier_id all)'.format(checkpoint))
@@ -318,9 +300,9 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
 
 
 def _offline_entry(report, epsilon, mode):
-  """The analysis' figures for this epsilon, for comparison with what the model measures."""
-  for entry in report.get(mode, []):
-    if abs(entry['epsilon'] - float(epsilon)) <= analysis.EPSILON_TOLERANCE:
-      return {k: entry[k] for k in ('accuracy', 'mean_macs', 'speedup', 'exit_shares')
-              if k in entry}
-  return None
+  """The analysis' figures for this epsilon, to compare with what the model measures.
+
+  ``report`` is the export's cascade_thresholds.Thresholds; the epsilon is in it (checked).
+  """
+  entry = report.entry(mode, epsilon)
+  return {k: entry[k] for k in ('accuracy', 'mean_macs', 'speedup', 'exit_shares') if k in entry}

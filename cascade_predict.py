@@ -55,6 +55,26 @@ def resolve_saved_model(path):
                           '--export_cascade_dir (see README)'.format(path))
 
 
+def read_info(path):
+  """The ``cascade_info.json`` that export_cascade wrote beside the SavedModel in ``path``."""
+  info_path = os.path.join(path, cascade_export.CASCADE_INFO)
+  fix = 're-export the cascade with --export_cascade_dir (see README)'
+  try:
+    with open(info_path) as f:
+      info = json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError('{} is missing: {} holds no exported cascade; {}'.format(
+        info_path, path, fix)) from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError('{} is not valid JSON ({}): it is damaged or was cut short; {}'.format(
+        info_path, e, fix)) from e
+  missing = [k for k in ('dataset', 'input', 'image_shape', 'mode', 'epsilon', 'num_exits',
+                         'plain_macs') if not isinstance(info, dict) or k not in info]
+  if missing:
+    raise ValueError('{} lacks {}; {}'.format(info_path, ', '.join(missing), fix))
+  return info
+
+
 def list_images(paths):
   """JPEG/PNG files named directly or found (sorted) in the given folders."""
   files = []
@@ -142,8 +162,7 @@ def class_names(info):
 def run(saved_model, batches, compare_full=False, print_limit=20, max_images=None, out=sys.stdout):
   """Classifies every batch; returns the summary dict it prints."""
   path = resolve_saved_model(saved_model)
-  with open(os.path.join(path, cascade_export.CASCADE_INFO)) as f:
-    info = json.load(f)
+  info = read_info(path)
   loaded = tf.saved_model.load(path)
   cascade, full = loaded.signatures['serving_default'], loaded.signatures['full']
   to_image = None if info['input'] == 'image_bytes' else preprocess_fn(info)

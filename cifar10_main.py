@@ -25,6 +25,7 @@ import input_pipeline
 import resnet_flags
 import resnet_model
 import resnet_run_loop
+import user_errors
 
 HEIGHT = 32
 WIDTH = 32
@@ -224,7 +225,8 @@ def parse_record(raw_record, is_training, dtype=tf.float32):
 # Input function
 ###############################################################################
 def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=tf.float32, split=None,
-             datasets_num_private_threads=None, drop_remainder=False, input_context=None):
+             datasets_num_private_threads=None, drop_remainder=False, input_context=None,
+             skip_records=0):
   """The input function for training, evaluation and softmax dumps.
 
   Training reads the shuffled records `num_epochs` times (each epoch a fresh permutation).
@@ -243,6 +245,7 @@ def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=tf.float32, 
     drop_remainder: whether to drop the final partial batch when training (static batch shapes).
     input_context: a tf.distribute.InputContext; with more than one input pipeline each reads
       its own shard of the records.
+    skip_records: images to leave out at the start (evaluation order; a resumed dump).
 
   Returns:
     A dataset of ([batch, 32, 32, 3] images of `dtype`, [batch] int32 labels).
@@ -266,7 +269,7 @@ def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=tf.float32, 
       dataset, is_training, batch_size, min(num_records, _SHUFFLE_BUFFER), parse_record,
       num_epochs=num_epochs, dtype=dtype,
       datasets_num_private_threads=datasets_num_private_threads,
-      drop_remainder=drop_remainder and is_training)
+      drop_remainder=drop_remainder and is_training, skip_records=skip_records)
 
 
 ###############################################################################
@@ -357,7 +360,7 @@ def run_cifar(flags_obj):
 
 
 def main(_):
-  resnet_run_loop.exit_on_user_error(run_cifar, flags.FLAGS)
+  user_errors.exit_on_user_error(run_cifar, flags.FLAGS)
 
 
 if __name__ == '__main__':

@@ -33,10 +33,14 @@ def replica_devices(flags_obj):
     return [f'/cpu:{i}' for i in range(flags_obj.cpu_replicas)]
   num_gpus = len(gpus) if flags_obj.num_gpus == -1 else flags_obj.num_gpus
   if num_gpus > len(gpus):
+    if not gpus:
+      raise ValueError(
+          f'--num_gpus {flags_obj.num_gpus}: TensorFlow finds no GPU on this machine; pass '
+          '--num_gpus 0 to run on the CPU, or install tensorflow[and-cuda]==2.15.1 if it has '
+          'GPUs')
     raise ValueError(
         f'--num_gpus {flags_obj.num_gpus} asks for more GPUs than this machine has '
-        f'({len(gpus)}); pass --num_gpus {len(gpus)} (or 0 for the CPU), or install '
-        'tensorflow[and-cuda]==2.15.1 if the GPUs are not found')
+        f'({len(gpus)}); pass --num_gpus {len(gpus)}, or --num_gpus 0 to run on the CPU')
   if num_gpus == 0:
     return ['/cpu:0']
   return [f'/gpu:{i}' for i in range(num_gpus)]

@@ -17,6 +17,7 @@ Example (the original README's evaluation of the final classifier)::
 import functools
 import json
 import os
+import re
 
 import tensorflow.compat.v1 as tf
 from absl import app, flags, logging
@@ -26,6 +27,7 @@ import input_pipeline
 import resnet_flags
 import resnet_model
 import resnet_run_loop
+import user_errors
 from Imagenet_tools import imagenet_to_tfrecords
 
 DEFAULT_IMAGE_SIZE = 224
@@ -51,6 +53,9 @@ _CYCLE_LENGTH = 10
 def get_filenames(split, data_dir):
   """The TFRecord shards of a split, sorted by shard index.
 
+  Only complete shards count: the converter writes a shard as ``<name>.partial`` and renames it
+  when it is done, so ``*.partial`` (and any other name) is never an input.
+
   Args:
     split: 'train' or 'validation'.
     data_dir: the converter's output folder (``$IMAGENET_HOME/tf_records``).
@@ -63,10 +68,11 @@ def get_filenames(split, data_dir):
   """
   if split not in SPLITS:
     raise ValueError('unknown split {!r}: expected one of {}'.format(split, SPLITS))
+  shard = re.compile(r'{}-\d+-of-\d+'.format(split))
   pattern_nested = os.path.join(data_dir, split, '{}-*-of-*'.format(split))
   pattern_flat = os.path.join(data_dir, '{}-*-of-*'.format(split))
   for pattern in (pattern_nested, pattern_flat):
-    files = sorted(f for f in tf.io.gfile.glob(pattern) if not f.endswith('.tmp'))
+    files = sorted(f for f in tf.io.gfile.glob(pattern) if shard.fullmatch(os.path.basename(f)))
     if files:
       return files
   raise FileNotFoundError(
@@ -76,25 +82,32 @@ def get_filenames(split, data_dir):
 
 
 def count_images(split, data_dir):
-  """Images of a split: the official count for a full conversion, else the converter's count.
+  """The images of a split, and whether every pass over it must read exactly that many.
 
-  A partial or miniature conversion is counted from the converter's manifest
-  (``<split>/conversion_manifest.json``) when it lists every shard found, and otherwise by
-  reading the records (slow only for large partial conversions without a manifest).
+  The converter's manifest (``<split>/conversion_manifest.json``) lists each shard's image count
+  when this project's converter wrote the shards: that count is a fact. A full set of shards
+  from another tool has the official count, which is nominal. A partial set without a manifest is
+  counted from the records' length headers.
+
+  Returns:
+    (count, source): ``source`` names what the count comes from when it is a fact (the dumps and
+    evaluations stop if they read another number), or None when it is nominal.
   """
   files = get_filenames(split, data_dir)
-  if len(files) == NUM_SHARDS[split]:
-    return NUM_IMAGES[split]
   counted = _manifest_counts(files)
   if counted is not None:
-    return counted
-  # A plain Python reader: works whether or not the caller runs eagerly.
-  return sum(1 for f in files for _ in tf.io.tf_record_iterator(f))
+    manifests = sorted({os.path.join(os.path.dirname(f), imagenet_to_tfrecords.MANIFEST_NAME)
+                        for f in files})
+    return counted, ' and '.join(manifests)
+  if len(files) == NUM_SHARDS[split]:
+    return NUM_IMAGES[split], None
+  return (sum(imagenet_to_tfrecords.count_records(f) for f in files),
+          'the records of {} ({} shards)'.format(os.path.dirname(files[0]), len(files)))
 
 
-def _manifest_counts(files):
-  """Sum of the converter manifest's image counts of ``files``, or None if it lacks any."""
-  total = 0
+def _manifest_entries(files):
+  """The converter manifest's entry of each of ``files``, or None if any is not listed."""
+  entries = []
   manifests = {}
   for path in files:
     directory, name = os.path.split(path)
@@ -108,8 +121,43 @@ def _manifest_counts(files):
     entry = manifests[directory].get(name)
     if not isinstance(entry, dict) or not isinstance(entry.get('images'), int):
       return None
-    total += entry['images']
-  return total
+    entries.append(entry)
+  return entries
+
+
+def _manifest_counts(files):
+  """Sum of the converter manifest's image counts of ``files``, or None if it lacks any."""
+  entries = _manifest_entries(files)
+  return None if entries is None else sum(entry['images'] for entry in entries)
+
+
+def damaged_shards(split, data_dir):
+  """Says which shards of a split are damaged: unreadable records, or fewer than listed.
+
+  Reads every shard (on an error path only): corrupt records are found by TensorFlow's reader,
+  which checks each record's CRC, and the record counts are compared with the manifest.
+
+  Returns:
+    A sentence naming the damaged shards and the fix, or '' if none is found.
+  """
+  files = get_filenames(split, data_dir)
+  listed = _manifest_entries(files) or [None] * len(files)
+  problems = []
+  for path, entry in zip(files, listed, strict=True):
+    records = 0
+    try:
+      for _ in tf.io.tf_record_iterator(path):
+        records += 1
+    except tf.errors.DataLossError:
+      problems.append(f'{path} has a corrupt record after record {records}')
+      continue
+    if entry is not None and records != entry['images']:
+      problems.append(f'{path} holds {records} records but its manifest lists '
+                      f'{entry["images"]}')
+  if not problems:
+    return ''
+  return '{}: delete {} and rerun the converter (it writes the missing shards again)'.format(
+      '; '.join(problems), 'them' if len(problems) > 1 else 'it')
 
 
 def parse_example_proto(example_serialized):
@@ -143,7 +191,7 @@ def parse_record(raw_record, is_training, dtype, image_size=DEFAULT_IMAGE_SIZE):
 
 def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=tf.float32, split=None,
              datasets_num_private_threads=None, input_context=None,
-             image_size=DEFAULT_IMAGE_SIZE):
+             image_size=DEFAULT_IMAGE_SIZE, skip_records=0):
   """Batches of (images, labels) for training, evaluation or a softmax dump.
 
   Args:
@@ -157,6 +205,7 @@ def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=tf.float32, 
     datasets_num_private_threads: private tf.data thread pool size.
     input_context: tf.distribute.InputContext; several input pipelines read disjoint shards.
     image_size: side of the square images the model sees.
+    skip_records: images to leave out at the start (evaluation order; a resumed dump).
 
   Returns:
     A dataset of ([batch, image_size, image_size, 3] images, [batch] int32 labels).
@@ -174,7 +223,8 @@ def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=tf.float32, 
   return input_pipeline.process_record_dataset(
       dataset, is_training, batch_size, _SHUFFLE_BUFFER,
       functools.partial(parse_record, image_size=image_size), num_epochs=num_epochs,
-      dtype=dtype, datasets_num_private_threads=datasets_num_private_threads)
+      dtype=dtype, datasets_num_private_threads=datasets_num_private_threads,
+      skip_records=skip_records)
 
 
 ###############################################################################
@@ -229,13 +279,14 @@ def run_imagenet(flags_obj):
   if flags_obj.use_synthetic_data:
     input_function = input_pipeline.get_synth_input_fn(image_size, image_size, NUM_CHANNELS,
                                                         NUM_CLASSES)
-    num_images = dict(NUM_IMAGES)
+    num_images, count_sources = dict(NUM_IMAGES), {}
   else:
     input_function = functools.partial(input_fn, image_size=image_size)
-    num_images = {'validation': count_images('validation', flags_obj.data_dir)}
     needs_train = not flags_obj.eval_only or (flags_obj.dump_train and flags_obj.softmax_dir)
-    num_images['train'] = (count_images('train', flags_obj.data_dir) if needs_train
-                           else NUM_IMAGES['train'])
+    counts = {split: count_images(split, flags_obj.data_dir) if split == 'validation' or needs_train
+              else (NUM_IMAGES[split], None) for split in SPLITS}
+    num_images = {split: count for split, (count, _) in counts.items()}
+    count_sources = {split: source for split, (_, source) in counts.items() if source}
 
   def model_factory(data_format, dtype):
     return resnet_model.imagenet_model(
@@ -251,12 +302,14 @@ def run_imagenet(flags_obj):
       name=DATASET_NAME, input_fn=input_function, model_factory=model_factory,
       learning_rate_fn=functools.partial(learning_rate_fn, num_train_images=num_images['train']),
       image_shape=(image_size, image_size, NUM_CHANNELS), num_classes=NUM_CLASSES,
-      num_images=num_images, image_bytes_serving_fn=image_bytes_serving_fn)
+      num_images=num_images, count_sources=count_sources,
+      damaged_input=functools.partial(damaged_shards, data_dir=flags_obj.data_dir),
+      image_bytes_serving_fn=image_bytes_serving_fn)
   return resnet_run_loop.resnet_main(flags_obj, spec)
 
 
 def main(_):
-  resnet_run_loop.exit_on_user_error(run_imagenet, flags.FLAGS)
+  user_errors.exit_on_user_error(run_imagenet, flags.FLAGS)
 
 
 if __name__ == '__main__':

@@ -5,7 +5,7 @@ import tensorflow.compat.v1 as tf
 
 def process_record_dataset(dataset, is_training, batch_size, shuffle_buffer, parse_record_fn,
                            num_epochs=1, dtype=tf.float32, datasets_num_private_threads=None,
-                           drop_remainder=False):
+                           drop_remainder=False, skip_records=0):
   """Turns a dataset of serialized records into batches of (image, label).
 
   Args:
@@ -18,10 +18,16 @@ def process_record_dataset(dataset, is_training, batch_size, shuffle_buffer, par
     dtype: image dtype.
     datasets_num_private_threads: size of a private thread pool for tf.data, or None.
     drop_remainder: drop the final partial batch (never for evaluation: every image counts).
+    skip_records: records to leave out at the start, before they are decoded (a resumed dump
+      skips the images it had written); evaluation order only.
 
   Returns:
     A dataset of ([batch, height, width, channels] images, [batch] int32 labels).
   """
+  if skip_records:
+    if is_training:
+      raise ValueError('skip_records is for the fixed order of evaluation and dumps')
+    dataset = dataset.skip(skip_records)
   dataset = dataset.prefetch(buffer_size=batch_size)
   if is_training:
     dataset = dataset.shuffle(buffer_size=shuffle_buffer)

@@ -14,6 +14,7 @@ from absl import flags
 import cascade_export
 import resnet_model
 import resnet_run_loop
+import softmax_dump
 
 
 def _definer(flag_values):
@@ -120,6 +121,8 @@ def define_dump_flags(flag_values):
                    "('' to skip dumping).")
   define('boolean')('dump_train', True, 'Also dump the training split (in a fixed order, '
                     'eval preprocessing); --nodump_train skips it.')
+  define('integer')('dump_commit_seconds', softmax_dump.COMMIT_SECONDS, 'Seconds between the '
+                    'points a killed dump resumes from (rerun the same command).', lower_bound=0)
 
 
 def define_export_flags(flag_values):

@@ -14,21 +14,22 @@ passes its input function, its model factory, its learning-rate schedule and its
 6. ``export_model`` / ``export_cascade``: the plain network and the real early-exit cascade.
 """
 
+import contextlib
 import dataclasses
 import math
 import shutil
-import sys
 import time
 from collections.abc import Callable
 
 import tensorflow.compat.v1 as tf
 from absl import logging
 
-import analyze_imagenet_labels as analysis
 import cascade_export
+import cascade_thresholds
 import distribution
 import resnet_model
 import softmax_dump
+import user_errors
 import warm_start
 
 MOMENTUM = 0.9
@@ -146,7 +147,8 @@ def _images_labels_valid(features, labels):
 
 
 def _metrics(exit_logits, predictions, labels, weights):
-  """Top-1 and top-5 accuracy per exit; 'accuracy' is the deepest exit's (--stop_threshold)."""
+  """Top-1 and top-5 accuracy per exit ('accuracy': the deepest exit's, for --stop_threshold)
+  and the number of images evaluated."""
   metrics = {}
   for exit_id in sorted(exit_logits):
     metrics[f'clf{exit_id}/accuracy'] = tf.metrics.accuracy(
@@ -156,6 +158,10 @@ def _metrics(exit_logits, predictions, labels, weights):
   deepest = max(exit_logits)
   metrics['accuracy'] = metrics[f'clf{deepest}/accuracy']
   metrics['accuracy_top_5'] = metrics[f'clf{deepest}/accuracy_top_5']
+  # The images evaluated (padding excluded), checked against the split's known size: counted
+  # as "true positives" of an always-true prediction, a count metric that handles replicas.
+  everyone = tf.ones_like(labels, tf.bool)
+  metrics['num_images'] = tf.metrics.true_positives(everyone, everyone, weights=weights)
   return metrics
 
 
@@ -309,7 +315,11 @@ class DatasetSpec:
   learning_rate_fn: Callable    # (flags_obj, global batch size) -> (global_step -> rate)
   image_shape: tuple            # (height, width, channels) the model sees
   num_classes: int
-  num_images: dict              # split -> nominal image count
+  num_images: dict              # split -> image count
+  # split -> where its count comes from, for the splits whose count is a fact (e.g. the
+  # converter's manifest): an evaluation or dump that reads another number stops.
+  count_sources: dict = dataclasses.field(default_factory=dict)
+  damaged_input: Callable = None   # split -> sentence naming its damaged files and the fix
   image_bytes_serving_fn: Callable = None   # serialized JPEG -> preprocessed image
 
 
@@ -336,7 +346,8 @@ class Job:
   def per_replica_batch(self):
     return self.flags.batch_size // len(self.devices)
 
-  def input_fn(self, is_training, split, num_epochs=1, with_labels_in_features=False):
+  def input_fn(self, is_training, split, num_epochs=1, with_labels_in_features=False,
+               skip_records=0):
     """An Estimator input function for ``split``; under a strategy, one call per pipeline."""
     flags_obj, spec = self.flags, self.spec
 
@@ -356,7 +367,7 @@ class Job:
           is_training=is_training, data_dir=flags_obj.data_dir, batch_size=batch,
           num_epochs=num_epochs, dtype=self.params.model.dtype, split=split,
           datasets_num_private_threads=flags_obj.datasets_num_private_threads,
-          input_context=input_context)
+          input_context=input_context, skip_records=skip_records)
       if with_labels_in_features or split_for_replicas:
         dataset = dataset.map(lambda image, label: ({'image': image, 'label': label}, label))
       if split_for_replicas:
@@ -366,6 +377,33 @@ class Job:
         dataset = dataset.map(lambda features, label: features)
       return dataset
     return input_fn
+
+
+  @contextlib.contextmanager
+  def reading(self, split):
+    """Turns a corrupt record of ``split`` into one error that names the damaged shard."""
+    try:
+      yield
+    except tf.errors.DataLossError as e:
+      found = self.spec.damaged_input(split) if self.spec.damaged_input else ''
+      raise ValueError('the {} data in --data_dir {} is damaged ({}); {}'.format(
+          split, self.flags.data_dir, e.message.splitlines()[0],
+          found or 'convert the data again')) from None
+
+  def check_count(self, split, count, what):
+    """Stops when ``count`` images of ``split`` were read but its count is a fact and differs."""
+    expected = self.spec.num_images.get(split)
+    if expected is None or count == expected:
+      return
+    source = self.spec.count_sources.get(split)
+    if source is None:
+      logging.warning('%s %d %s images, but the data set nominally has %d', what, count, split,
+                      expected)
+      return
+    found = self.spec.damaged_input(split) if self.spec.damaged_input else ''
+    raise ValueError('{} {} {} images, but {} lists {}; {}'.format(
+        what, count, split, source, expected,
+        found or 'a file of the split is missing, truncated or replaced: convert it again'))
 
 
 def check_request(flags_obj, spec):
@@ -391,9 +429,12 @@ def check_request(flags_obj, spec):
     if not flags_obj.cascade_thresholds:
       raise ValueError('--export_cascade_dir needs --cascade_thresholds (the thresholds.json '
                        'written by analyze_imagenet_labels.py) and --epsilon')
-    cascade_export.check_thresholds_fit(flags_obj.cascade_thresholds, model)
-    analysis.load_thresholds(flags_obj.cascade_thresholds, flags_obj.epsilon,
-                             flags_obj.cascade_mode)
+    cascade_thresholds.read(flags_obj.cascade_thresholds, num_classes=model.num_classes,
+                            num_exits=model.num_exits).thresholds(flags_obj.cascade_mode,
+                                                                  flags_obj.epsilon)
+  for flag in ('model_dir', 'softmax_dir', 'export_dir', 'export_cascade_dir'):
+    if getattr(flags_obj, flag):
+      user_errors.check_writable(getattr(flags_obj, flag), '--' + flag)
   # After the checks: a bad flag should fail the same way whether or not TF has started.
   distribution.configure_cpu_replicas(flags_obj.cpu_replicas)
   params = RunParams(
@@ -489,9 +530,10 @@ def train_and_evaluate(estimator, job):
                  len(job.schedule), end_epoch, max_steps)
     # max_steps (not steps) makes a rerun after a kill resume where it stopped and end at the
     # same global step as an uninterrupted run.
-    estimator.train(job.input_fn(True, 'train', num_epochs=None), hooks=_train_hooks(job),
-                    max_steps=max_steps)
-    evaluation = estimator.evaluate(job.input_fn(False, 'validation'), steps=eval_steps)
+    with job.reading('train'):
+      estimator.train(job.input_fn(True, 'train', num_epochs=None), hooks=_train_hooks(job),
+                      max_steps=max_steps)
+    evaluation = evaluate(estimator, job, eval_steps)
     logging.info('evaluation after cycle %d: %s', cycle + 1, _format_metrics(evaluation))
     if flags_obj.stop_threshold is not None and (
         evaluation['accuracy'] >= flags_obj.stop_threshold):
@@ -501,8 +543,17 @@ def train_and_evaluate(estimator, job):
     if flags_obj.max_train_steps and max_steps >= flags_obj.max_train_steps:
       break
   if flags_obj.eval_only and flags_obj.evaluate_in_eval_only:
-    evaluation = estimator.evaluate(job.input_fn(False, 'validation'), steps=eval_steps)
+    evaluation = evaluate(estimator, job, eval_steps)
     logging.info('evaluation: %s', _format_metrics(evaluation))
+  return evaluation
+
+
+def evaluate(estimator, job, steps=None):
+  """Estimator.evaluate on the validation split, which must yield all of its images."""
+  with job.reading('validation'):
+    evaluation = estimator.evaluate(job.input_fn(False, 'validation'), steps=steps)
+  if steps is None:
+    job.check_count('validation', int(evaluation['num_images']), 'evaluated')
   return evaluation
 
 
@@ -534,9 +585,13 @@ def dump_splits(estimator, job):
     common['pretrained_global_step'] = job.pretrained_step
   dumped = {}
   for split in ['validation'] + (['train'] if flags_obj.dump_train else []):
-    dumped[split] = softmax_dump.dump_softmax(
-        estimator, job.input_fn(False, split, with_labels_in_features=True),
-        flags_obj.softmax_dir, split, job.params.plan.built, common, spec.num_images.get(split))
+    def make_input_fn(skip_records, split=split):
+      return job.input_fn(False, split, with_labels_in_features=True, skip_records=skip_records)
+    with job.reading(split):
+      dumped[split] = softmax_dump.dump_softmax(
+          estimator, make_input_fn, flags_obj.softmax_dir, split, job.params.plan.built, common,
+          check_count=lambda rows, split=split: job.check_count(split, rows, 'dumped'),
+          commit_seconds=flags_obj.dump_commit_seconds)
   return dumped
 
 
@@ -567,25 +622,6 @@ def resnet_main(flags_obj, spec):
   if flags_obj.export_cascade_dir:
     results['cascade_export'] = export_cascade(job)
   return results
-
-
-def exit_on_user_error(job, flags_obj):
-  """The mains' entry: runs ``job(flags_obj)``; a bad flag, file or checkpoint ends in one 'error:'
-  line, and TensorFlow's log lines are printed once, by absl's handler.
-
-  Such errors are the user's to fix and their messages say how, so the traceback only goes to
-  the debug log (``--verbosity=1`` shows it).
-  """
-  # TensorFlow gave its logger a handler of its own before absl put one on the root logger, so
-  # each of its lines came out twice; absl's handler alone prints them, in absl's format.
-  tf_logger = tf.get_logger()
-  for handler in list(tf_logger.handlers):
-    tf_logger.removeHandler(handler)
-  try:
-    return job(flags_obj)
-  except (ValueError, FileNotFoundError) as e:
-    logging.debug('traceback of the error below', exc_info=True)
-    sys.exit('error: {}'.format(e))
 
 
 def _format_metrics(metrics):

@@ -7,6 +7,7 @@ cut into one non-empty share per replica (``split_into_replica_batches``). A dum
 labels against the dumps already in the folder, batch by batch.
 """
 
+import hashlib
 import inspect
 import os
 import time
@@ -16,6 +17,7 @@ import tensorflow.compat.v1 as tf
 from absl import logging
 
 import dump_layout
+import dump_writer
 
 
 def split_into_replica_batches(dataset, num_replicas, per_replica_batch):
@@ -163,58 +165,87 @@ def _predict_batches(estimator, input_fn, split):
                          for device, count in zip(devices, replica_rows, strict=True)))
 
 
-def dump_softmax(estimator, input_fn, softmax_dir, split, exits, manifest_common,
-                 expected_images=None):
+# A killed dump resumes from its last commit: every minute, a kill loses at most that much work.
+COMMIT_SECONDS = 60
+
+
+def job_key(split, exits, checkpoint):
+  """The name of a dump job's files: the same split, exits and checkpoint give the same name.
+
+  A rerun of a killed job finds its partial files by it; two jobs for different exits into the
+  same folder (e.g. one process per exit) never share a file.
+  """
+  digest = hashlib.sha1(os.path.abspath(checkpoint).encode()).hexdigest()[:10]
+  return '{}-clf{}-{}'.format(split, '_'.join(str(e) for e in sorted(exits)), digest)
+
+
+def dump_softmax(estimator, make_input_fn, softmax_dir, split, exits, manifest_common,
+                 check_count=None, commit_seconds=COMMIT_SECONDS):
   """Writes ``split``'s labels and every exit's probabilities, all from one forward pass.
+
+  Resumable and safe beside other dumps into the same folder (``dump_writer.SplitDump``): a
+  split already dumped from the same checkpoint is skipped; a killed dump continues after the
+  rows it had committed, and the files it finishes are byte for byte those of an uninterrupted
+  dump (the skipped images are whole global batches, so every later batch is the same). On an
+  error, nothing of this job is left behind.
 
   Args:
     estimator: the Estimator; its model_dir's latest checkpoint is used, on every replica of
       its evaluation strategy (``Estimator.predict`` when there is one replica).
-    input_fn: (input_context=None) -> dataset of ({'image', 'label'}) batches, fixed order,
-      each image once; over several replicas, one batch per replica and step (see
-      ``predict_with_strategy``).
+    make_input_fn: skip_records -> input_fn(input_context=None) -> dataset of {'image',
+      'label'} batches, fixed order, each image once, leaving out the first ``skip_records``;
+      over several replicas, one batch per replica and step (see ``predict_with_strategy``).
     softmax_dir: the dump folder (see dump_layout).
     split: 'validation' or 'train'.
     exits: exit ids to write.
-    manifest_common: split-independent manifest fields.
-    expected_images: the split's nominal size, to warn when the records hold another count.
+    manifest_common: split-independent manifest fields (``checkpoint`` among them).
+    check_count: optional rows -> None that raises ValueError when the split should hold
+      another number of images; called before anything is published.
+    commit_seconds: seconds between commits, the points a killed dump resumes from.
 
   Returns:
-    The number of rows written.
+    The number of rows of the split's dump.
   """
-  writers = {'label': dump_layout.NpyRowWriter(
-      dump_layout.labels_path(softmax_dir, split), np.int32)}
-  num_classes = manifest_common['num_classes']
-  for exit_id in exits:
-    writers[exit_id] = dump_layout.NpyRowWriter(
-        dump_layout.probabilities_path(softmax_dir, split, exit_id), np.float32, (num_classes,))
-  labels_check = _LabelsCheck(softmax_dir, split)
-  start = time.time()
+  checkpoint = manifest_common['checkpoint']
+  done = dump_layout.completed_exits(softmax_dir, split, checkpoint)
+  if set(exits) <= done:
+    rows = dump_layout.read_manifest(softmax_dir)['splits'][split]['num_images']
+    logging.info('dump %s: exits %s were dumped from %s before (%d images); skipped', split,
+                 list(exits), checkpoint, rows)
+    return rows
+  dump = dump_writer.SplitDump(softmax_dir, split, exits, manifest_common['num_classes'],
+                               job_key(split, exits, checkpoint))
+  resumed = rows = dump.rows_done
+  labels_check = _LabelsCheck(softmax_dir, split, resumed)
+  start = last_commit = time.time()
   try:
-    for batch in _predict_batches(estimator, input_fn, split):
+    for batch in _predict_batches(estimator, make_input_fn(resumed), split):
       labels_check.next_batch(batch['label'])
-      writers['label'].write(batch['label'])
-      for exit_id in exits:
-        writers[exit_id].write(batch[f'clf{exit_id}_probabilities'])
-      rows = writers['label'].num_rows
-      if rows // 10000 != (rows - len(batch['label'])) // 10000:
+      dump.write(batch['label'], {e: batch[f'clf{e}_probabilities'] for e in exits})
+      rows += len(batch['label'])
+      if time.time() - last_commit >= commit_seconds:
+        dump.commit()
+        last_commit = time.time()
         logging.info('dump %s: %d images, %.1f images/s', split, rows,
-                     rows / (time.time() - start))
+                     (rows - resumed) / (last_commit - start))
     labels_check.finish()
-  except BaseException:
-    for writer in writers.values():
-      writer.abort()
+    if check_count is not None:
+      check_count(rows)
+  except (KeyboardInterrupt, SystemExit):
+    dump.commit()   # Interrupted, not failed: a rerun continues from here.
     raise
-  for writer in writers.values():
-    writer.close()
-  rows = writers['label'].num_rows
-  if expected_images is not None and rows != expected_images:
-    logging.warning('dumped %d %s images, but the data set nominally has %d', rows, split,
-                    expected_images)
-  dump_layout.merge_manifest(softmax_dir, split, rows, exits, manifest_common)
+  except OSError as e:
+    dump.abort()
+    # A full or read-only disk: say which folder (a failed write names no file).
+    raise OSError(e.errno, e.strerror,
+                  e.filename or dump_layout.split_dir(softmax_dir, split)) from e
+  except BaseException:
+    dump.abort()
+    raise
+  rows = dump.finish(manifest_common)
   logging.info('dumped %s: %d images, exits %s, into %s (%.1f images/s)', split, rows,
                list(exits), dump_layout.split_dir(softmax_dir, split),
-               rows / max(time.time() - start, 1e-9))
+               (rows - resumed) / max(time.time() - start, 1e-9))
   return rows
 
 
@@ -225,11 +256,11 @@ class _LabelsCheck:
   after the whole split.
   """
 
-  def __init__(self, softmax_dir, split):
+  def __init__(self, softmax_dir, split, first_row=0):
     self._where = dump_layout.split_dir(softmax_dir, split)
     path = dump_layout.labels_path(softmax_dir, split)
     self._existing = np.load(path, mmap_mode='r') if os.path.exists(path) else None
-    self._rows = 0
+    self._rows = first_row   # a resumed dump starts after the rows it had written
 
   def next_batch(self, labels):
     if self._existing is None:

@@ -26,6 +26,7 @@ Usage::
 
 import functools
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -110,20 +111,25 @@ def main(_):
     print(f'  {num_images} validation JPEGs converted and checkpoint written in '
           f'{time.perf_counter() - start:.0f} s', flush=True)
 
-    def input_fn():
-      dataset = imagenet_main.input_fn(False, data_dir, FLAGS.batch_size,
-                                       image_size=FLAGS.image_size)
-      return dataset.map(lambda image, label: {'image': image, 'label': label})
+    def make_input_fn(skip_records):
+      def input_fn():
+        dataset = imagenet_main.input_fn(False, data_dir, FLAGS.batch_size,
+                                         image_size=FLAGS.image_size, skip_records=skip_records)
+        return dataset.map(lambda image, label: {'image': image, 'label': label})
+      return input_fn
 
-    common = {'dataset': imagenet_main.DATASET_NAME, 'num_classes': imagenet_main.NUM_CLASSES}
+    common = {'dataset': imagenet_main.DATASET_NAME, 'num_classes': imagenet_main.NUM_CLASSES,
+              'checkpoint': tf.train.latest_checkpoint(model_dir)}
     seconds = {c: [] for c in CONTENDERS}       # wall seconds per dump
     cpu_seconds = {c: [] for c in CONTENDERS}   # CPU seconds of this process per dump
     for rep in range(-FLAGS.warmup_rounds, FLAGS.repetitions):
       for contender in CONTENDERS:
         exits = resnet_run_loop.ExitPlan.parse(contender, 3).built
         softmax_dir = os.path.join(root, f'dump_{contender}')
+        # A split already dumped from the same checkpoint would be skipped: start afresh.
+        shutil.rmtree(softmax_dir, ignore_errors=True)
         dump = functools.partial(softmax_dump.dump_softmax, estimator_for(contender, model_dir),
-                                 input_fn, softmax_dir, 'validation', exits, common)
+                                 make_input_fn, softmax_dir, 'validation', exits, common)
         start, start_cpu = time.perf_counter(), time.process_time()
         rows = dump()
         elapsed = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Tests of analyze_imagenet_labels.py: statistics, thresholds, cascade, report, layouts, errors."""
+"""Tests of analyze_imagenet_labels.py: thresholds, cascade, report, layouts, errors, end to end."""
 
 import json
 import os
@@ -17,7 +17,10 @@ for _path in (_ROOT, os.path.join(_ROOT, 'tests')):
 import synthetic_dumps as sd  # noqa: E402
 
 import analyze_imagenet_labels as ail  # noqa: E402
+import cascade_report  # noqa: E402
+import cascade_thresholds  # noqa: E402
 import dump_layout  # noqa: E402
+import legacy_dumps  # noqa: E402
 
 SCRIPT = os.path.join(_ROOT, 'analyze_imagenet_labels.py')
 
@@ -46,77 +49,6 @@ def quick(softmax_dir, output_dir, **kwargs):
 
 
 # -------------------------------------------------------------------------------------------------
-# Per-row statistics.
-
-
-def reference_top_values(p, k=5):
-  return np.sort(p, axis=1)[:, -min(k, p.shape[1]):]
-
-
-@pytest.mark.parametrize('num_classes', [3, 10, 100, 1000, 1001, 1009])
-def test_top_values_match_full_sort_with_ties(num_classes):
-  rng = np.random.default_rng(num_classes)
-  p = rng.random((300, num_classes)).astype(np.float32)
-  p[:100] = np.round(p[:100] * 4) / 4          # heavy ties, also across the 5th place
-  p[100:110] = 0.0                              # all-zero rows, like the original's padding
-  p[110:120] = p[110:120, :1]                   # constant rows
-  got = ail.top_values(p)
-  np.testing.assert_array_equal(got, reference_top_values(p))
-  assert got.dtype == np.float32
-
-
-def test_top_values_of_float16_and_strided_input():
-  rng = np.random.default_rng(1)
-  wide = rng.random((50, 2002)).astype(np.float32)
-  p = wide[:, ::2]                               # non-contiguous rows of 1001 classes
-  np.testing.assert_array_equal(ail.top_values(p), reference_top_values(p))
-  half = rng.random((40, 1001)).astype(np.float16)
-  np.testing.assert_array_equal(ail.top_values(half), reference_top_values(half))
-
-
-def test_top_values_mark_rows_with_nan():
-  p = np.random.default_rng(2).random((6, 1005)).astype(np.float32)
-  p[1, 10] = np.nan          # inside the blocks that give the lower bound
-  p[4, 1003] = np.nan        # in the columns left over by the blocks
-  got = ail.top_values(p)
-  assert np.isnan(got).any(axis=1).tolist() == [False, True, False, False, True, False]
-  np.testing.assert_array_equal(got[[0, 2, 3, 5]], reference_top_values(p[[0, 2, 3, 5]]))
-
-
-def test_row_statistics_against_definition():
-  rng = np.random.default_rng(2)
-  p = np.round(rng.random((500, 1001)) * 8).astype(np.float32) / 8   # many ties
-  labels = rng.integers(0, 1001, 500)
-  p[np.arange(0, 500, 3), labels[::3]] = 1.0                        # some correct rows
-  max_prob, top5_sum, top1, top5 = ail.row_statistics(p, labels)
-  ordered = np.sort(p, axis=1)
-  label_prob = p[np.arange(500), labels]
-  np.testing.assert_array_equal(max_prob, ordered[:, -1])
-  np.testing.assert_array_equal(top1, label_prob >= ordered[:, -1])
-  np.testing.assert_array_equal(top5, label_prob >= ordered[:, -5])
-  expected = np.zeros(500, np.float32)
-  for j in range(5):          # ascending, float32, left to right: the documented order
-    expected = (expected + ordered[:, -5 + j]).astype(np.float32)
-  np.testing.assert_array_equal(top5_sum, expected)
-  # ties at the top: a label tied with the maximum counts as top-1 correct, as tf.nn.in_top_k
-  tied = np.zeros((1, 1001), np.float32)
-  tied[0, [3, 7]] = 0.5
-  assert ail.row_statistics(tied, np.array([7]))[2][0]
-
-
-def test_confidence_modes():
-  rng = np.random.default_rng(3)
-  p = sd.synthetic_probabilities(rng, np.arange(1, 65), np.zeros(64, np.float32), 3.0)
-  np.testing.assert_array_equal(ail.confidence(p, 'top1'), p.max(axis=1))
-  top5 = ail.confidence(p, 'top5')
-  assert top5.dtype == np.float32
-  np.testing.assert_allclose(top5, np.sort(p, axis=1)[:, -5:].sum(axis=1), rtol=1e-6)
-  assert np.all(top5 >= ail.confidence(p, 'top1'))
-  with pytest.raises(ValueError, match='mode'):
-    ail.confidence(p, 'top3')
-
-
-# -------------------------------------------------------------------------------------------------
 # Thresholds against a brute-force reference.
 
 
@@ -129,7 +61,7 @@ def brute_force_thresholds(conf, correct, epsilons):
   best = max(alpha)
   out = []
   for eps in epsilons:
-    chosen = ail.NEVER_EXIT_THRESHOLD
+    chosen = cascade_thresholds.NEVER_EXIT_THRESHOLD
     for d, a in zip(candidates, alpha, strict=True):
       if a >= best - eps and a > 0:
         chosen = d
@@ -243,13 +175,13 @@ def test_exit_accuracy_block_matches_the_original_readme():
       'validation': [{'exit': 0, 'top1': 0.46680, 'top5': 0.7022},
                      {'exit': 1, 'top1': 0.62840, 'top5': 0.8431}],
   }
-  assert ail.format_exit_accuracies(accuracies) == (
+  assert cascade_report.format_exit_accuracies(accuracies) == (
       'Classifier 0:\n Train top-1:0.5208\n Train top-5:0.7486\n Test top-1:0.4668\n'
       ' Test top-5:0.7022\n'
       'Classifier 1:\n Train top-1:0.6925\n Train top-5:0.885\n Test top-1:0.6284\n'
       ' Test top-5:0.8431')
   only_validation = {'validation': [{'exit': 0, 'top1': 1.0, 'top5': 1.0}]}
-  assert ail.format_exit_accuracies(only_validation) == (
+  assert cascade_report.format_exit_accuracies(only_validation) == (
       'Classifier 0:\n Test top-1:1.0\n Test top-5:1.0')
 
 
@@ -297,7 +229,7 @@ def test_end_to_end_has_the_article_shape(article_like):
   assert top1 == pytest.approx([0.47, 0.63, 0.77], abs=0.03)
   assert f'Test top-1:{top1[0]:.4}' in stdout
   assert report['calibration_split'] == 'train'
-  assert report['stage_macs'] == list(ail.ARTICLE_STAGE_MACS)
+  assert report['stage_macs'] == list(legacy_dumps.ARTICLE_STAGE_MACS)
   for mode in ('top1', 'top5'):
     entries = report[mode]
     assert [e['epsilon'] for e in entries] == list(ail.DEFAULT_EPSILONS[mode])
@@ -316,14 +248,15 @@ def test_end_to_end_has_the_article_shape(article_like):
 
 
 def test_thresholds_reproduce_the_cascade_from_raw_probabilities(article_like):
-  """The exporter's check: load_thresholds + confidence + cascade_exit_index == the report."""
+  """The exporter's view (cascade_thresholds, confidence, cascade_exit_index) == the report."""
   dumps, report_dir, _ = article_like
   labels = np.load(dump_layout.labels_path(str(dumps), 'validation'))
   probs = [np.load(dump_layout.probabilities_path(str(dumps), 'validation', k))
            for k in range(3)]
   report = json.loads((report_dir / 'thresholds.json').read_text())
   for mode, eps in (('top1', 0.05), ('top5', 0.051)):
-    thresholds = ail.load_thresholds(str(report_dir / 'thresholds.json'), eps + 1e-9, mode)
+    thresholds = cascade_thresholds.read(str(report_dir / 'thresholds.json')).thresholds(
+        mode, eps + 1e-9)
     conf = np.stack([ail.confidence(p, mode) for p in probs])
     exits = ail.cascade_exit_index(conf, thresholds)
     chosen = np.stack(probs)[exits, np.arange(labels.size)]
@@ -335,15 +268,15 @@ def test_thresholds_reproduce_the_cascade_from_raw_probabilities(article_like):
     assert shares.tolist() == pytest.approx(entry['exit_shares'], abs=1e-12)
 
 
-def test_load_thresholds_errors(article_like):
+def test_thresholds_file_lookup_errors(article_like):
   _, report_dir, _ = article_like
   path = str(report_dir / 'thresholds.json')
   with pytest.raises(ValueError, match=r'no top1 thresholds for epsilon 0\.033; available: 0, '
                                        r'0\.01, 0\.02'):
-    ail.load_thresholds(path, 0.033)
+    cascade_thresholds.read(path).thresholds('top1', 0.033)
   with pytest.raises(ValueError, match='mode'):
-    ail.load_thresholds(path, 0.0, mode='top2')
-  assert len(ail.load_thresholds(path, 0.0)) == 2
+    cascade_thresholds.read(path).thresholds('top2', 0.0)
+  assert len(cascade_thresholds.read(path).thresholds('top1', 0.0)) == 2
 
 
 def test_chunking_and_threads_do_not_change_the_result(tmp_path):
@@ -361,7 +294,7 @@ def test_only_top5_and_custom_epsilons(tmp_path):
   assert sorted(os.listdir(tmp_path / 'r')) == [
       'accuracy_vs_gmacs_top5.png', 'cascade.csv', 'reliability.png', 'thresholds.json']
   with pytest.raises(ValueError, match='without --top5'):
-    ail.load_thresholds(str(tmp_path / 'r' / 'thresholds.json'), 0.0, 'top1')
+    cascade_thresholds.read(str(tmp_path / 'r' / 'thresholds.json')).thresholds('top1', 0.0)
 
 
 def test_costs_come_from_the_manifest(tmp_path):
@@ -390,8 +323,8 @@ def test_article_costs_without_manifest_and_flag_override(tmp_path):
   sd.write_current_dumps(str(tmp_path / 'd'), small_splits(train=50, validation=50),
                          manifest=False)
   report = quick(tmp_path / 'd', tmp_path / 'r', epsilons=[0.0])
-  assert report['stage_macs'] == list(ail.ARTICLE_STAGE_MACS)
-  assert report['plain_macs'] == ail.ARTICLE_PLAIN_MACS
+  assert report['stage_macs'] == list(legacy_dumps.ARTICLE_STAGE_MACS)
+  assert report['plain_macs'] == legacy_dumps.ARTICLE_PLAIN_MACS
   result = run_script('--softmax_dir', str(tmp_path / 'd'), '--output_dir', str(tmp_path / 'r2'),
                       '--stage_macs', '1,2,3', '--plain_macs', '5', '--epsilons', '0,0.1')
   assert result.returncode == 0, result.stderr
@@ -421,7 +354,7 @@ def test_original_layout_gives_the_same_report(tmp_path):
   assert legacy['source']['layout'] == 'original' and current['source']['layout'] == 'current'
   for key in ('top1', 'top5', 'global_threshold', 'exit_accuracy', 'num_images'):
     assert legacy[key] == current[key]
-  assert result.stdout.startswith(ail.format_exit_accuracies(current['exit_accuracy']))
+  assert result.stdout.startswith(cascade_report.format_exit_accuracies(current['exit_accuracy']))
 
 
 def test_original_layout_without_train_labels_uses_validation(tmp_path, caplog):
@@ -564,7 +497,7 @@ def test_error_from_the_command_line_is_one_line(dumps, tmp_path):
 def test_failure_while_writing_leaves_no_partial_report(dumps, tmp_path, monkeypatch):
   def broken(*args, **kwargs):
     raise RuntimeError('disk full')
-  monkeypatch.setattr(ail, 'plot_reliability', broken)
+  monkeypatch.setattr(cascade_report, 'plot_reliability', broken)
   with pytest.raises(RuntimeError, match='disk full'):
     quick(dumps, tmp_path / 'r')
   assert_no_report(tmp_path)
@@ -584,3 +517,107 @@ def test_import_does_not_load_tensorflow():
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           cwd=_ROOT, timeout=120)
   assert result.returncode == 0, result.stderr
+
+
+# -------------------------------------------------------------------------------------------------
+# Issue #17: rows that are not probabilities, partial files of other jobs, damaged JSON files.
+
+
+@pytest.mark.parametrize('damage', ['log_probabilities', 'logits', 'inf', 'minus_inf', 'negative',
+                                    'scaled', 'above_one', 'zero_row'])
+def test_rows_that_are_not_probabilities_are_refused(dumps, tmp_path, damage):
+  """Issue #17d: log-probabilities gave a report in which nothing ever exits."""
+  path = dump_layout.probabilities_path(str(dumps), 'train', 1)
+  p = np.load(path)
+  row = p[41].copy()
+  if damage == 'log_probabilities':
+    p = np.log(p)                         # every row: sums to about -7,000
+  elif damage == 'logits':
+    p[41] = np.log(row) + 3.0
+  elif damage == 'inf':
+    p[41, 7] = np.inf
+  elif damage == 'minus_inf':
+    p[41, 7] = -np.inf
+  elif damage == 'negative':              # still sums to 1, still <= 1
+    p[41, int(row.argmax())] += 0.25
+    p[41, int(row.argmin())] -= 0.25
+  elif damage == 'scaled':
+    p[41] = row * 1.01
+  elif damage == 'above_one':
+    p[41] = 0.0
+    p[41, 3], p[41, 4] = 1.5, -0.5
+  elif damage == 'zero_row':              # only the original's padding may be all zero
+    p[41] = 0.0
+  np.save(path, p)
+  first_bad = 0 if damage == 'log_probabilities' else 41
+  with pytest.raises(ail.DumpError,
+                     match=rf'{path}: row {first_bad} is not a probability vector .*sum to 1 '
+                           r'within 0\.001: dump the softmax'):
+    quick(dumps, tmp_path / 'r', chunk_rows=16)
+  assert_no_report(tmp_path)
+
+
+def test_float_rounding_of_probabilities_is_accepted(tmp_path):
+  splits = small_splits(seed=11, train=50, validation=50)
+  for _, probabilities in splits.values():
+    probabilities[0] *= np.float32(1 + 5e-4)           # a float16 dump's worst case
+    probabilities[1][::2] *= np.float32(1 - 5e-4)
+  sd.write_current_dumps(str(tmp_path / 'd'), splits)
+  quick(tmp_path / 'd', tmp_path / 'r', epsilons=[0.0])
+  assert (tmp_path / 'r' / 'thresholds.json').exists()
+
+
+def test_a_split_being_written_is_not_read_when_unused(tmp_path, caplog):
+  """Issue #17e: a .partial file was refused even in a split the analysis did not use."""
+  splits = small_splits(seed=12, train=40, validation=60)
+  del splits['train']
+  sd.write_current_dumps(str(tmp_path / 'd'), splits)
+  train = tmp_path / 'd' / 'train'
+  train.mkdir()
+  (train / 'labels.npy.job-7.partial').write_bytes(b'\x93NUMPY')         # another job's dump
+  (train / 'clf0_probabilities.npy.job-7.partial').write_bytes(b'\x93NUMPY')
+  report = quick(tmp_path / 'd', tmp_path / 'r', epsilons=[0.0], calibration_split='validation')
+  assert report['num_images'] == {'validation': 60}
+  assert 'Not reading the train split' in caplog.text and 'still being written' in caplog.text
+  # Asked for, the split being written is an error that names the file and the way out.
+  with pytest.raises(ail.DumpError, match=r'train/clf0_probabilities\.npy is still being '
+                     r'written \(clf0_probabilities\.npy\.job-7\.partial, labels\.npy\.job-7\.'
+                     r'partial\).*; or pass --calibration_split validation to analyse without it'):
+    quick(tmp_path / 'd', tmp_path / 'r2', epsilons=[0.0])
+
+
+def test_partial_files_of_complete_files_are_ignored(dumps, tmp_path):
+  """Other jobs may be re-dumping files the analysis has complete copies of."""
+  for split in ('train', 'validation'):
+    folder = dumps / split
+    (folder / 'labels.npy.1234-abcd.partial').write_bytes(b'')
+    (folder / 'clf0_probabilities.npy.1234-abcd.partial').write_bytes(b'')
+    (folder / 'clf3_probabilities.npy.job.partial').write_bytes(b'')     # not an exit of these
+  report = quick(dumps, tmp_path / 'r', epsilons=[0.0])
+  assert report['num_images'] == {'train': 60, 'validation': 50}
+
+
+def test_damaged_manifest_is_one_error_line(dumps, tmp_path):
+  """Issue #17f: a malformed manifest.json gave a JSONDecodeError traceback naming no file."""
+  manifest = dump_layout.manifest_path(str(dumps))
+  with open(manifest) as f:
+    text = f.read()
+  with open(manifest, 'w') as f:
+    f.write(text[:len(text) // 2])        # cut short, as by a full disk or a kill
+  result = run_script('--softmax_dir', str(dumps), '--output_dir', str(tmp_path / 'r'))
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f'error: {manifest} is not valid JSON ('), lines
+  assert 're-run the dumps into an empty --softmax_dir' in lines[0]
+  assert_no_report(tmp_path)
+
+
+def test_damaged_thresholds_file_names_the_file_and_the_fix(article_like, tmp_path):
+  """Issue #17f: a malformed thresholds file gave 'Expecting value: line 2 column 1'."""
+  _, report_dir, _ = article_like
+  path = tmp_path / 'thresholds.json'
+  path.write_text((report_dir / 'thresholds.json').read_text()[:200])
+  with pytest.raises(ValueError, match=rf'{path} is not valid JSON \(.*line \d+, column \d+\): it '
+                                       r'is damaged or was cut short; re-run '
+                                       r'analyze_imagenet_labels\.py'):
+    cascade_thresholds.read(str(path)).thresholds('top1', 0.05)

@@ -12,6 +12,7 @@ import tensorflow.compat.v1 as tf
 
 import analyze_imagenet_labels as analysis
 import cascade_export
+import cascade_thresholds
 import cifar10_main
 import resnet_model
 from tests import run_helpers
@@ -89,7 +90,8 @@ def _offline(softmax_dir, split, thresholds, mode):
 def test_exported_cascade_takes_the_exits_the_offline_simulation_predicts(fashion):
   images = run_helpers.read_images(fashion['data_dir'], 'validation', 400)
   outputs = _run_saved_model(fashion['export_dir'], images)
-  thresholds = analysis.load_thresholds(fashion['thresholds'], fashion['epsilon'])
+  thresholds = cascade_thresholds.read(fashion['thresholds']).thresholds('top1',
+                                                                    fashion['epsilon'])
   probabilities, confidences, offline_exit = _offline(fashion['softmax_dir'], 'validation',
                                                       thresholds, 'top1')
   # Every exit is used, so the comparison covers the gather/scatter of all three paths.

@@ -202,6 +202,11 @@ def test_dump_with_other_labels_fails_and_keeps_the_old_files(trained, data_dir,
   shutil.copytree(trained['softmax_dir'], softmax_dir)
   labels_path = dump_layout.labels_path(softmax_dir, 'validation')
   np.save(labels_path, change(np.load(labels_path)))
+  # Dumps of another run (from the same checkpoint the split would count as done, and skipped).
+  manifest = dump_layout.read_manifest(softmax_dir)
+  for source in manifest['exit_sources']['validation'].values():
+    source['checkpoint'] = '/elsewhere/model.ckpt-1'
+  dump_layout.write_manifest(softmax_dir, manifest)
   before = _folder_bytes(softmax_dir)
   with pytest.raises(ValueError, match='already holds labels .* ' + message):
     _eval_only(data_dir, trained['model_dir'], softmax_dir, '--classifier_id', 0)

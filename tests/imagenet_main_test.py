@@ -429,6 +429,75 @@ def test_missing_records_name_the_converter(pretrained, tmp_path):
   assert not os.path.exists(model_dir)
 
 
+def _damaged_copy(data, tmp_path, damage):
+  """A copy of the converted records whose first validation shard ``damage`` rewrites.
+
+  Returns:
+    (data_dir of the copy, path of the damaged shard).
+  """
+  data_dir = str(tmp_path / 'tf_records')
+  shutil.copytree(data.data_dir, data_dir)
+  shard = imagenet_main.get_filenames('validation', data_dir)[0]
+  with open(shard, 'rb') as f:
+    content = f.read()
+  with open(shard, 'wb') as f:
+    f.write(damage(content))
+  return data_dir, shard
+
+
+def _without_last_record(content):
+  """The shard cut at its last record boundary (a TFRecord: length, CRC, data, CRC)."""
+  position, ends = 0, []
+  while position < len(content):
+    position += 16 + int.from_bytes(content[position:position + 8], 'little')
+    ends.append(position)
+  return content[:ends[-2]]
+
+
+def _dump_files(softmax_dir):
+  return sorted(os.path.relpath(os.path.join(d, f), softmax_dir)
+                for d, _, files in os.walk(softmax_dir) for f in files)
+
+
+@pytest.mark.parametrize('extra', [(), ('--evaluate_in_eval_only',)], ids=['dump', 'evaluate'])
+def test_shard_cut_at_a_record_boundary_stops_the_run(data, pretrained, tmp_path, extra):
+  data_dir, shard = _damaged_copy(data, tmp_path, _without_last_record)
+  softmax_dir = str(tmp_path / 'softmax')
+  total = len(data.mini.validation)
+  what = 'evaluated' if extra else 'dumped'
+  with pytest.raises(ValueError) as error:
+    run_imagenet(*_eval_args(data_dir, str(tmp_path / 'model'), pretrained[0], '-rs',
+                             RESNET_SIZE, '--softmax_dir', softmax_dir, *extra))
+  message = str(error.value)
+  assert message.startswith(f'{what} {total - 1} validation images, but ')
+  assert f'conversion_manifest.json lists {total}' in message
+  assert f'{shard} holds ' in message and 'delete it and rerun the converter' in message
+  # Nothing of the short dump is left: no files, no manifest entry.
+  assert _dump_files(softmax_dir) == []
+
+
+def test_corrupt_record_names_its_shard(data, pretrained, tmp_path):
+  def flip_a_byte(content):
+    middle = len(content) // 2
+    return content[:middle] + bytes([content[middle] ^ 0xFF]) + content[middle + 1:]
+  data_dir, shard = _damaged_copy(data, tmp_path, flip_a_byte)
+  with pytest.raises(ValueError, match=r'the validation data in --data_dir .* is damaged') as error:
+    run_imagenet(*_eval_args(data_dir, str(tmp_path / 'model'), pretrained[0], '-rs',
+                             RESNET_SIZE, '--softmax_dir', str(tmp_path / 'softmax')))
+  assert f'{shard} has a corrupt record after record ' in str(error.value)
+
+
+def test_partial_shards_of_a_killed_conversion_are_never_read(data, tmp_path):
+  data_dir = str(tmp_path / 'tf_records')
+  shutil.copytree(data.data_dir, data_dir)
+  complete = imagenet_main.get_filenames('validation', data_dir)
+  # A killed converter leaves the shard it was writing as <name>.partial.
+  shutil.copy(complete[0], complete[0] + '.partial')
+  shutil.copy(complete[0], complete[0] + '.tmp')
+  assert imagenet_main.get_filenames('validation', data_dir) == complete
+  assert imagenet_main.count_images('validation', data_dir)[0] == len(data.mini.validation)
+
+
 def test_checkpoint_of_another_depth_names_the_resnet_size_flag(data, pretrained, tmp_path):
   model_dir = str(tmp_path / 'model')
   softmax_dir = str(tmp_path / 'dumps')
@@ -453,14 +522,17 @@ def test_image_size_the_heads_cannot_pool_is_refused(data, pretrained, tmp_path,
 # Image counts and learning-rate schedules
 ###############################################################################
 def test_image_counts_come_from_the_manifest_or_the_records(data, tmp_path):
-  assert imagenet_main.count_images('validation', data.data_dir) == len(data.mini.validation)
-  assert imagenet_main.count_images('train', data.data_dir) == len(data.mini.train)
+  count, source = imagenet_main.count_images('validation', data.data_dir)
+  assert count == len(data.mini.validation)
+  assert source.endswith(os.path.join('validation', 'conversion_manifest.json'))
+  assert imagenet_main.count_images('train', data.data_dir)[0] == len(data.mini.train)
   # The upstream flat layout, without the converter's manifest: the records are counted.
   flat = tmp_path / 'flat'
   flat.mkdir()
   for path in imagenet_main.get_filenames('validation', data.data_dir):
     shutil.copy(path, flat)
-  assert imagenet_main.count_images('validation', str(flat)) == len(data.mini.validation)
+  count, source = imagenet_main.count_images('validation', str(flat))
+  assert count == len(data.mini.validation) and source.startswith(f'the records of {flat}')
 
 
 def _learning_rates(flag_args, batch_size, steps):

@@ -228,8 +228,8 @@ def test_fine_tuned_model_dir_can_be_evaluated_and_dumped(data_dir, tmp_path):
 def test_more_gpus_than_the_machine_has(data_dir, tmp_path):
   if tf.config.list_physical_devices('GPU'):
     pytest.skip('this machine has GPUs')
-  with pytest.raises(ValueError, match=r'--num_gpus 4 asks for more GPUs than this machine '
-                                       r'has \(0\); pass --num_gpus 0'):
+  with pytest.raises(ValueError, match=r'^--num_gpus 4: TensorFlow finds no GPU on this '
+                                       r'machine; pass --num_gpus 0 to run on the CPU, or'):
     run_helpers.run_cifar('-dd', data_dir, '-md', tmp_path / 'model', *MODEL_FLAGS,
                           '--num_gpus', 4)
   assert not (tmp_path / 'model').exists()
@@ -315,8 +315,8 @@ def test_tensorflow_log_lines_are_printed_once():
   """The mains log through absl's handler only; TensorFlow's own handler doubled every line."""
   program = ('from absl import app\n'
              'import tensorflow.compat.v1 as tf\n'
-             'import resnet_run_loop\n'
-             'app.run(lambda _: resnet_run_loop.exit_on_user_error(\n'
+             'import user_errors\n'
+             'app.run(lambda _: user_errors.exit_on_user_error(\n'
              '    lambda flags_obj: tf.logging.warning("marker %d", 4321), None))\n')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run([sys.executable, '-c', program], cwd=repo, capture_output=True,
@@ -354,7 +354,7 @@ def test_model_fn_contract(mode, classifier_id, fine_tune):
     return
   assert spec.loss.shape.as_list() == [] and spec.loss.dtype == tf.float32
   metrics = {f'clf{k}/{m}' for k in plan.built for m in ('accuracy', 'accuracy_top_5')}
-  assert set(spec.eval_metric_ops) == metrics | {'accuracy', 'accuracy_top_5'}
+  assert set(spec.eval_metric_ops) == metrics | {'accuracy', 'accuracy_top_5', 'num_images'}
   assert (spec.train_op is not None) == (mode == 'train')
   # The graph builds exactly the built exits' heads (on the backbone up to the deepest one).
   heads = {resnet_model.head_group(k) for k in plan.built}

@@ -19,7 +19,8 @@ import pickle
 import numpy as np
 
 import dump_layout
-from analyze_imagenet_labels import ARTICLE_PLAIN_MACS, ARTICLE_STAGE_MACS
+import dump_writer
+from legacy_dumps import ARTICLE_PLAIN_MACS, ARTICLE_STAGE_MACS
 
 ARTICLE_LIKE_STRENGTHS = (3.1, 3.85, 4.6)
 EASE_SCALE = 1.5
@@ -106,10 +107,10 @@ def write_synthetic_dumps(softmax_dir, num_images, num_classes=IMAGENET_CLASSES,
   rng = np.random.default_rng(seed)
   written = {}
   for split, total in num_images.items():
-    writers = [dump_layout.NpyRowWriter(dump_layout.probabilities_path(softmax_dir, split, k),
+    writers = [dump_writer.NpyRowWriter(dump_layout.probabilities_path(softmax_dir, split, k),
                                         np.float32, (num_classes,))
                for k in range(len(strengths))]
-    label_writer = dump_layout.NpyRowWriter(dump_layout.labels_path(softmax_dir, split), np.int32)
+    label_writer = dump_writer.NpyRowWriter(dump_layout.labels_path(softmax_dir, split), np.int32)
     try:
       for start in range(0, total, block_rows):
         n = min(block_rows, total - start)

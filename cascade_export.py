@@ -29,6 +29,7 @@ A ``cascade_info.json`` beside ``saved_model.pb`` records the data set, input ki
 mode, epsilon, thresholds and MAC counts for ``cascade_predict.py``.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -37,6 +38,7 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 
 import cascade_thresholds
+import warm_start
 
 CASCADE_INFO = 'cascade_info.json'
 TOP_K = cascade_thresholds.TOP_K
@@ -217,6 +219,7 @@ def build_signatures(model, images, thresholds, mode, chunk_size):
   """
   # The stages run inside tf.cond branches (and loop bodies), which may only reuse variables:
   # they are created once here, by a whole-model call whose ops never run.
+  images = tf.cast(images, model.dtype)
   model(images[:1], training=False)
   with tf.variable_scope(tf.get_variable_scope(), reuse=True):
     cascade = in_chunks(lambda part: build_cascade(model, part, thresholds, mode), images,
@@ -227,7 +230,8 @@ def build_signatures(model, images, thresholds, mode, chunk_size):
 
 def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsilon, mode,
                    export_dir_base, dataset, data_format='channels_last',
-                   image_bytes_fn=None, chunk_size=DEFAULT_CHUNK_SIZE):
+                   image_bytes_fn=None, chunk_size=DEFAULT_CHUNK_SIZE, dtype=tf.float32,
+                   moving_averages=False):
   """Writes the cascade SavedModel into a new timestamped folder under ``export_dir_base``.
 
   Args:
@@ -243,11 +247,15 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
     image_bytes_fn: JPEG bytes -> preprocessed image; when given, the model takes JPEG bytes.
     chunk_size: images the SavedModel classifies at a time (see the module docstring); 0: the
       whole batch.
+    dtype: compute precision of the exported graph (tf.float32, or tf.bfloat16 / tf.float16
+      with the same fp32 variables); its inputs and outputs are float32 whatever it is.
+    moving_averages: compute with the checkpoint's moving averages of the variables (a run
+      with --moving_average_decay).
 
   Returns:
     The folder of the SavedModel.
   """
-  model = model_factory(data_format, tf.float32)
+  model = model_factory(data_format, dtype)
   report = cascade_thresholds.read(thresholds_file, model.num_classes, model.num_exits)
   thresholds = report.thresholds(mode, epsilon)
   if not tf.train.checkpoint_exists(checkpoint or ''):
@@ -266,7 +274,10 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
       inputs = tf.placeholder(tf.float32, [None, height, width, channels], name='images')
       images = inputs
       input_key = 'images'
-    cascade, full = build_signatures(model, images, thresholds, mode, chunk_size)
+    averaged = (warm_start.moving_average_scope(checkpoint) if moving_averages
+                else contextlib.nullcontext())
+    with averaged:
+      cascade, full = build_signatures(model, images, thresholds, mode, chunk_size)
     signatures = {
         name: tf.saved_model.signature_def_utils.predict_signature_def(
             inputs={input_key: inputs}, outputs=outputs)
@@ -285,6 +296,8 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
       'epsilon': float(epsilon),
       'thresholds': thresholds,
       'chunk_size': chunk_size or 0,
+      'dtype': model.dtype.name,
+      'moving_averages': bool(moving_averages),
       'num_classes': model.num_classes,
       'num_exits': model.num_exits,
       'stage_macs': model.stage_macs(height, width),

@@ -311,10 +311,10 @@ def learning_rate_fn(flags_obj, batch_size, num_train_images):
   # Heads fine-tune after the backbone's run, whose global step they continue: keep the full
   # rate until the last tenth of --train_epochs.
   fractions = (0.9,) if flags_obj.fine_tune else _DECAY_FRACTIONS
-  return resnet_run_loop.learning_rate_with_decay(
-      batch_size=batch_size, batch_denom=_BATCH_DENOM, num_images=num_train_images,
-      boundary_epochs=[epochs * f for f in fractions],
-      decay_rates=[1, 0.1, 0.01][:len(fractions) + 1], base_lr=_BASE_LR)
+  return resnet_run_loop.learning_rate_schedule(
+      flags_obj, batch_size=batch_size, batch_denom=_BATCH_DENOM, num_images=num_train_images,
+      base_lr=_BASE_LR, boundary_epochs=[epochs * f for f in fractions],
+      decay_rates=[1, 0.1, 0.01][:len(fractions) + 1])
 
 
 def define_cifar_flags(flag_values=flags.FLAGS):

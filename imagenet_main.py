@@ -238,13 +238,13 @@ def learning_rate_fn(flags_obj, batch_size, num_train_images=NUM_IMAGES['train']
   network uses the official 0.128 x B/256 with 5 warm-up epochs and decay at 30, 60, 80, 90.
   """
   if flags_obj.fine_tune:
-    base_lr, warmup, boundaries = 0.01, False, [10, 20, 30, 40]
+    base_lr, warmup_epochs, boundaries = 0.01, 0, [10, 20, 30, 40]
   else:
-    base_lr, warmup, boundaries = 0.128, True, [30, 60, 80, 90]
-  return resnet_run_loop.learning_rate_with_decay(
-      batch_size=batch_size, batch_denom=256, num_images=num_train_images,
-      boundary_epochs=boundaries, decay_rates=[1, 0.1, 0.01, 0.001, 1e-4], base_lr=base_lr,
-      warmup=warmup)
+    base_lr, warmup_epochs, boundaries = 0.128, 5, [30, 60, 80, 90]
+  return resnet_run_loop.learning_rate_schedule(
+      flags_obj, batch_size=batch_size, batch_denom=256, num_images=num_train_images,
+      base_lr=base_lr, boundary_epochs=boundaries, decay_rates=[1, 0.1, 0.01, 0.001, 1e-4],
+      warmup_epochs=warmup_epochs)
 
 
 def define_imagenet_flags(flag_values=flags.FLAGS):

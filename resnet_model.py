@@ -28,7 +28,8 @@ import tensorflow.compat.v1 as tf
 MODEL_SCOPE = 'resnet_model'
 DEFAULT_VERSION = 2
 DEFAULT_DTYPE = tf.float32
-CASTABLE_TYPES = (tf.float16,)
+# Half-precision compute with fp32 variables (cast on read); BN parameters and statistics stay fp32.
+CASTABLE_TYPES = (tf.float16, tf.bfloat16)
 ALLOWED_TYPES = (DEFAULT_DTYPE,) + CASTABLE_TYPES
 
 BATCH_NORM_DECAY = 0.997   # The official value; short runs (the CPU demo) need a smaller one.
@@ -345,7 +346,7 @@ class Model:
       resnet_version: 1 (v1.5, post-activation) or 2 (pre-activation).
       data_format: 'channels_first', 'channels_last', or None to pick channels_first when a GPU
         build of TensorFlow is running.
-      dtype: tf.float32, or tf.float16 with fp32 variables cast on read.
+      dtype: tf.float32, or tf.float16 / tf.bfloat16 with fp32 variables cast on read.
       exit_groups: 0-based indices of the block groups after which early exits attach, in
         increasing order. The network's own classifier is always the last exit.
       exit_pool_grids: (rows, cols) of the average-pool grid of each early exit.
@@ -397,7 +398,11 @@ class Model:
 
   # -- variables -----------------------------------------------------------------------------
   def _custom_dtype_getter(self, getter, name, shape=None, dtype=DEFAULT_DTYPE, *args, **kwargs):
-    """Keeps variables in fp32 and casts them on read when the model runs in fp16."""
+    """Keeps variables in fp32 and casts them on read when the model runs in fp16 or bf16.
+
+    Batch norm asks for its parameters in fp32 whatever its input, so they are not cast: its
+    statistics are computed and kept in fp32.
+    """
     if dtype in CASTABLE_TYPES:
       var = getter(name, shape, tf.float32, *args, **kwargs)
       return tf.cast(var, dtype=dtype, name=name + '_cast')

@@ -17,6 +17,7 @@ passes its input function, its model factory, its learning-rate schedule and its
 import contextlib
 import dataclasses
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -34,13 +35,30 @@ import warm_start
 
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
+# --dtype: the compute precision (variables stay fp32).
+COMPUTE_DTYPES = {'fp32': tf.float32, 'fp16': tf.float16, 'bf16': tf.bfloat16}
+# Not decayed: BN parameters (backbone and heads) and biases, i.e. only kernels are.
+WEIGHT_DECAY_EXCLUDE = (r'batch_normalization', r'_bn\d', r'/bias$')
 
 
 ################################################################################
 # Learning rate.
 ################################################################################
+def _with_warmup(rate_fn, initial_learning_rate, warmup_steps):
+  """``rate_fn`` after a linear ramp from 0 over the first ``warmup_steps`` steps."""
+  if warmup_steps <= 0:
+    return rate_fn
+
+  def learning_rate_fn(global_step):
+    warmup_rate = (initial_learning_rate * tf.cast(global_step, tf.float32) /
+                   tf.cast(warmup_steps, tf.float32))
+    return tf.cond(global_step < warmup_steps, lambda: warmup_rate,
+                   lambda: rate_fn(global_step))
+  return learning_rate_fn
+
+
 def learning_rate_with_decay(batch_size, batch_denom, num_images, boundary_epochs, decay_rates,
-                             base_lr=0.1, warmup=False, warmup_epochs=5):
+                             base_lr=0.1, warmup_epochs=0):
   """A piecewise-constant schedule scaled by batch size, with an optional linear warm-up.
 
   Args:
@@ -50,8 +68,7 @@ def learning_rate_with_decay(batch_size, batch_denom, num_images, boundary_epoch
     boundary_epochs: epochs at which the rate changes.
     decay_rates: multipliers of the initial rate before, between and after the boundaries.
     base_lr: rate for a batch of ``batch_denom``.
-    warmup: ramp linearly from 0 over the first ``warmup_epochs`` epochs.
-    warmup_epochs: length of the warm-up.
+    warmup_epochs: ramp linearly from 0 over this many epochs first (0: no warm-up).
 
   Returns:
     A function global_step -> learning rate tensor.
@@ -60,16 +77,48 @@ def learning_rate_with_decay(batch_size, batch_denom, num_images, boundary_epoch
   batches_per_epoch = num_images / batch_size
   boundaries = [int(batches_per_epoch * epoch) for epoch in boundary_epochs]
   values = [initial_learning_rate * decay for decay in decay_rates]
+  return _with_warmup(lambda step: tf.train.piecewise_constant(step, boundaries, values),
+                      initial_learning_rate, int(batches_per_epoch * warmup_epochs))
 
-  def learning_rate_fn(global_step):
-    rate = tf.train.piecewise_constant(global_step, boundaries, values)
-    if warmup:
-      warmup_steps = int(batches_per_epoch * warmup_epochs)
-      warmup_rate = (initial_learning_rate * tf.cast(global_step, tf.float32) /
-                     tf.cast(warmup_steps, tf.float32))
-      return tf.cond(global_step < warmup_steps, lambda: warmup_rate, lambda: rate)
-    return rate
-  return learning_rate_fn
+
+def learning_rate_cosine(batch_size, batch_denom, num_images, train_epochs, base_lr,
+                         warmup_epochs=0):
+  """Linear warm-up, then a cosine from the initial rate down to 0 at the end of training.
+
+  Args:
+    batch_size, batch_denom, num_images, base_lr: as for ``learning_rate_with_decay``.
+    train_epochs: the epoch at which the rate reaches 0 (it stays 0 after).
+    warmup_epochs: length of the linear ramp from 0 (0: none).
+
+  Returns:
+    A function global_step -> learning rate tensor.
+  """
+  initial_learning_rate = base_lr * batch_size / batch_denom
+  batches_per_epoch = num_images / batch_size
+  warmup_steps = int(batches_per_epoch * warmup_epochs)
+  decay_steps = max(int(batches_per_epoch * train_epochs) - warmup_steps, 1)
+
+  def cosine(global_step):
+    progress = tf.minimum(tf.cast(global_step - warmup_steps, tf.float32) / decay_steps, 1.0)
+    return initial_learning_rate * 0.5 * (1.0 + tf.cos(math.pi * progress))
+  return _with_warmup(cosine, initial_learning_rate, warmup_steps)
+
+
+def learning_rate_schedule(flags_obj, batch_size, batch_denom, num_images, base_lr,
+                           boundary_epochs, decay_rates, warmup_epochs=0):
+  """The schedule ``--lr_schedule`` asks for, from a dataset main's step schedule.
+
+  ``step`` is the main's own schedule (``boundary_epochs``, ``decay_rates``); ``cosine`` decays
+  from the same initial rate to 0 at ``--train_epochs``. ``--warmup_epochs``, when given,
+  replaces the main's warm-up (``warmup_epochs``) in both.
+  """
+  if flags_obj.warmup_epochs is not None:
+    warmup_epochs = flags_obj.warmup_epochs
+  if flags_obj.lr_schedule == 'cosine':
+    return learning_rate_cosine(batch_size, batch_denom, num_images, flags_obj.train_epochs,
+                                base_lr, warmup_epochs)
+  return learning_rate_with_decay(batch_size, batch_denom, num_images, boundary_epochs,
+                                  decay_rates, base_lr, warmup_epochs)
 
 
 ################################################################################
@@ -128,7 +177,14 @@ class RunParams:
   learning_rate_fn: Callable = None  # global_step -> learning rate tensor (training only)
   loss_scale: float = 1              # fp16 gradients underflow: the loss is scaled up by this
   weight_decay: float = WEIGHT_DECAY
+  weight_decay_exclude: tuple = WEIGHT_DECAY_EXCLUDE   # regexes of variables not decayed
+  decoupled_weight_decay: bool = False   # decay in the update, not as an L2 term of the loss
   momentum: float = MOMENTUM
+  label_smoothing: float = 0.0
+  gradient_clip_norm: float = None   # clip the gradients to this global norm
+  # Train an exponential moving average of the trained variables, and evaluate, dump and
+  # export with it (tf.train.ExponentialMovingAverage's shadow variables, in the checkpoint).
+  moving_average_decay: float = None
   # In training graphs, the variables of this folder's latest checkpoint that the graph does
   # not build (the later stages when only exit 0 trains) are carried along, so the checkpoints
   # the run writes still hold the whole model.
@@ -144,6 +200,19 @@ def _images_labels_valid(features, labels):
   if isinstance(features, dict):
     return features['image'], features.get('label', labels), features.get('valid')
   return features, labels, None
+
+
+def _cross_entropy(labels, logits, weights, label_smoothing):
+  """Mean cross-entropy of one exit (padding weighs 0); with label smoothing s the target is
+  1 - s + s / C for the true class and s / C for the others."""
+  weights = 1.0 if weights is None else weights
+  if not label_smoothing:
+    return tf.losses.sparse_softmax_cross_entropy(labels=labels, logits=logits, weights=weights,
+                                                  reduction=tf.losses.Reduction.MEAN,
+                                                  loss_collection=None)
+  return tf.losses.softmax_cross_entropy(
+      tf.one_hot(labels, logits.shape[-1]), logits, weights=weights,
+      label_smoothing=label_smoothing, reduction=tf.losses.Reduction.MEAN, loss_collection=None)
 
 
 def _metrics(exit_logits, predictions, labels, weights):
@@ -178,20 +247,52 @@ def _training_summaries(exit_logits, predictions, labels, cross_entropy):
     tf.summary.scalar(f'clf{exit_id}/cross_entropy', cross_entropy[exit_id])
 
 
-def _train_op(loss, trainable, params):
-  """Momentum SGD on ``trainable`` plus the BN moving-average updates."""
+def variable_name(variable):
+  """A variable's name without ':0'. Under MirroredStrategy the copy of replica k > 0 has an op
+  name of its own ('.../kernel/replica_1'); this is the name every replica shares."""
+  return variable.name.split(':')[0]
+
+
+def decayed_variables(variables, exclude):
+  """The members of ``variables`` whose names no regular expression of ``exclude`` matches."""
+  patterns = [re.compile(p) for p in exclude]
+  return [v for v in variables if not any(p.search(variable_name(v)) for p in patterns)]
+
+
+def _train_op(loss, trainable, decayed, params):
+  """Momentum SGD on ``trainable``, the BN moving-average updates, and the optional extras.
+
+  Extras (each off by default): clipping the gradients to a global norm, decoupled weight decay
+  of ``decayed`` (w -= lr * weight_decay * w after the step), and the exponential moving average
+  of ``trainable`` after the step.
+  """
   global_step = tf.train.get_or_create_global_step()
   learning_rate = tf.identity(params.learning_rate_fn(global_step), name='learning_rate')
   tf.summary.scalar('learning_rate', learning_rate)
   optimizer = tf.train.MomentumOptimizer(learning_rate=learning_rate, momentum=params.momentum)
   # fp16 gradients underflow; scale the loss up and the gradients back down.
   grads_and_vars = optimizer.compute_gradients(loss * params.loss_scale, var_list=trainable)
+  grads_and_vars = [(g, v) for g, v in grads_and_vars if g is not None]
   if params.loss_scale != 1:
-    grads_and_vars = [(g / params.loss_scale, v) for g, v in grads_and_vars if g is not None]
-  minimize_op = optimizer.apply_gradients(grads_and_vars, global_step)
+    grads_and_vars = [(g / params.loss_scale, v) for g, v in grads_and_vars]
+  if params.gradient_clip_norm:
+    clipped, norm = tf.clip_by_global_norm([g for g, _ in grads_and_vars],
+                                           params.gradient_clip_norm)
+    tf.identity(norm, name='gradient_norm')   # before clipping
+    tf.summary.scalar('gradient_norm', norm)
+    grads_and_vars = list(zip(clipped, [v for _, v in grads_and_vars], strict=True))
+  step_op = optimizer.apply_gradients(grads_and_vars, global_step)
+  after_step = []
+  with tf.control_dependencies([step_op]):
+    if params.decoupled_weight_decay and params.weight_decay:
+      after_step += [v.assign_sub(learning_rate * params.weight_decay * v) for v in decayed]
+    if params.moving_average_decay:
+      with tf.control_dependencies(after_step):
+        average = tf.train.ExponentialMovingAverage(params.moving_average_decay)
+        after_step.append(average.apply(trainable))
   # Only BNs in training mode register moving-average updates: the heads', or everyone's when
   # the whole network trains. A frozen backbone has none.
-  return tf.group(minimize_op, tf.get_collection(tf.GraphKeys.UPDATE_OPS))
+  return tf.group(step_op, *after_step, tf.get_collection(tf.GraphKeys.UPDATE_OPS))
 
 
 def resnet_model_fn(features, labels, mode, params):
@@ -215,8 +316,13 @@ def resnet_model_fn(features, labels, mode, params):
   # While heads fine-tune, the backbone is frozen: its BNs must use (and keep) the pretrained
   # moving statistics, so they run in inference mode even though the heads train.
   backbone_training = is_training and not plan.frozen_backbone
-  exit_logits = model(tf.cast(images, model.dtype), training=is_training,
-                      backbone_training=backbone_training, exits=plan.built)
+  averaged = contextlib.nullcontext()
+  if params.moving_average_decay and not is_training:
+    # Evaluation, dumps and exports use the averaged weights.
+    averaged = warm_start.moving_average_scope(tf.train.latest_checkpoint(params.model_dir))
+  with averaged:
+    exit_logits = model(tf.cast(images, model.dtype), training=is_training,
+                        backbone_training=backbone_training, exits=plan.built)
   exit_logits = {k: tf.cast(v, tf.float32) for k, v in exit_logits.items()}
 
   predictions = {}
@@ -238,29 +344,27 @@ def resnet_model_fn(features, labels, mode, params):
   # Padding images (a replica's share of the last batch may be nothing but padding) weigh 0.
   weights = None if valid is None else tf.cast(valid, tf.float32)
   loss_exits = plan.trained if is_training else tuple(sorted(exit_logits))
-  cross_entropy = {
-      k: tf.losses.sparse_softmax_cross_entropy(labels=labels, logits=exit_logits[k],
-                                                weights=1.0 if weights is None else weights,
-                                                reduction=tf.losses.Reduction.MEAN,
-                                                loss_collection=None)
-      for k in loss_exits}
+  cross_entropy = {k: _cross_entropy(labels, exit_logits[k], weights, params.label_smoothing)
+                   for k in loss_exits}
   total_cross_entropy = tf.add_n(list(cross_entropy.values()), name='cross_entropy')
   tf.summary.scalar('cross_entropy', total_cross_entropy)
 
   groups = plan.trained_groups(model.num_exits)
   trainable = [v for v in tf.trainable_variables() if groups is None
-               or resnet_model.variable_group(v.op.name, model.num_exits) in groups]
-  # Weight decay on the kernels that train (not on biases or BN parameters).
-  decayed = [v for v in trainable if v.op.name.endswith('/kernel')]
-  l2_loss = params.weight_decay * tf.add_n(
-      [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in decayed] or [tf.constant(0.0)])
-  tf.summary.scalar('l2_loss', l2_loss)
-  loss = total_cross_entropy + l2_loss
+               or resnet_model.variable_group(variable_name(v), model.num_exits) in groups]
+  # Weight decay on the trained kernels (by default not on biases or BN parameters).
+  decayed = decayed_variables(trainable, params.weight_decay_exclude)
+  loss = total_cross_entropy
+  if not params.decoupled_weight_decay:
+    l2_loss = params.weight_decay * tf.add_n(
+        [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in decayed] or [tf.constant(0.0)])
+    tf.summary.scalar('l2_loss', l2_loss)
+    loss = total_cross_entropy + l2_loss
 
   train_op = None
   if is_training:
     _training_summaries(exit_logits, predictions, labels, cross_entropy)
-    train_op = _train_op(loss, trainable, params)
+    train_op = _train_op(loss, trainable, decayed, params)
     if params.model_dir:
       warm_start.carry_unbuilt_variables(tf.train.latest_checkpoint(params.model_dir))
   return tf.estimator.EstimatorSpec(mode=mode, predictions=predictions, loss=loss,
@@ -406,6 +510,24 @@ class Job:
         found or 'a file of the split is missing, truncated or replaced: convert it again'))
 
 
+def check_bfloat16_runs(device):
+  """Raises one clear error if ``device`` cannot run the model's ops in bfloat16."""
+  with tf.Graph().as_default(), tf.device(device):
+    images = tf.ones([1, 8, 8, 3], tf.bfloat16)
+    features = tf.nn.conv2d(images, tf.ones([3, 3, 3, 4], tf.bfloat16), 1, 'SAME')
+    features, _, _ = tf.nn.fused_batch_norm(features, tf.ones([4]), tf.zeros([4]),
+                                            tf.zeros([4]), tf.ones([4]), is_training=False)
+    logits = tf.matmul(tf.reshape(features, [1, -1]), tf.ones([256, 2], tf.bfloat16))
+    try:
+      with tf.Session() as sess:
+        sess.run(logits)
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
+            tf.errors.UnimplementedError) as e:
+      raise ValueError(f'--dtype bf16: TensorFlow cannot run bfloat16 convolutions, batch norms '
+                       f'or matrix products on {device} ({e.message.splitlines()[0]}); use '
+                       '--dtype fp32 (or fp16 on a GPU)') from None
+
+
 def check_request(flags_obj, spec):
   """Checks the flags against the machine, the model and the thresholds file, before any work.
 
@@ -419,7 +541,7 @@ def check_request(flags_obj, spec):
         f'use a multiple of {len(devices)}, e.g. '
         f'{len(devices) * max(1, flags_obj.batch_size // len(devices))}')
   data_format = distribution.resolve_data_format(flags_obj.data_format, devices)
-  model = spec.model_factory(data_format, tf.float16 if flags_obj.dtype == 'fp16' else tf.float32)
+  model = spec.model_factory(data_format, COMPUTE_DTYPES[flags_obj.dtype])
   plan = ExitPlan.parse(flags_obj.classifier_id, model.num_exits, flags_obj.fine_tune)
   if not flags_obj.is_cascaded and plan.built != (model.final_exit,):
     raise ValueError('--nois_cascaded builds the plain network, whose only classifier is '
@@ -437,10 +559,18 @@ def check_request(flags_obj, spec):
       user_errors.check_writable(getattr(flags_obj, flag), '--' + flag)
   # After the checks: a bad flag should fail the same way whether or not TF has started.
   distribution.configure_cpu_replicas(flags_obj.cpu_replicas)
+  if model.dtype == tf.bfloat16:
+    check_bfloat16_runs(devices[0])
   params = RunParams(
       model=model, plan=plan,
       learning_rate_fn=spec.learning_rate_fn(flags_obj, flags_obj.batch_size),
       loss_scale=flags_obj.loss_scale or (128 if flags_obj.dtype == 'fp16' else 1),
+      weight_decay=flags_obj.weight_decay,
+      weight_decay_exclude=tuple(flags_obj.weight_decay_exclude or ()),
+      decoupled_weight_decay=flags_obj.decoupled_weight_decay,
+      label_smoothing=flags_obj.label_smoothing,
+      gradient_clip_norm=flags_obj.gradient_clip_norm,
+      moving_average_decay=flags_obj.moving_average_decay,
       model_dir=flags_obj.model_dir)
   return Job(flags=flags_obj, spec=spec, devices=devices, params=params,
              schedule=train_schedule(flags_obj))
@@ -603,7 +733,8 @@ def export_cascade(job):
       flags_obj.cascade_thresholds, flags_obj.epsilon, flags_obj.cascade_mode,
       flags_obj.export_cascade_dir, spec.name, job.params.model.data_format,
       spec.image_bytes_serving_fn if flags_obj.image_bytes_as_serving_input else None,
-      flags_obj.cascade_chunk_size)
+      flags_obj.cascade_chunk_size, dtype=job.params.model.dtype,
+      moving_averages=bool(job.params.moving_average_decay))
 
 
 def resnet_main(flags_obj, spec):

@@ -68,6 +68,35 @@ def read_checkpoint(checkpoint, fix):
   return reader
 
 
+# tf.train.ExponentialMovingAverage keeps the average of variable v as v/ExponentialMovingAverage.
+MOVING_AVERAGE_SUFFIX = '/ExponentialMovingAverage'
+
+
+def moving_average_scope(checkpoint):
+  """A variable scope in which the model reads the moving averages of ``checkpoint``'s variables.
+
+  Every variable whose average the checkpoint holds is replaced by that average's variable
+  (``<name>/ExponentialMovingAverage``, restored by the ordinary saver under its own name); the
+  others (BN statistics, a frozen backbone's variables) are themselves. Evaluation, dumps and
+  exports of a run with ``--moving_average_decay`` build their graph inside it.
+
+  Raises:
+    ValueError: the checkpoint holds no moving averages.
+  """
+  names = set(tf.train.load_checkpoint(checkpoint).get_variable_to_shape_map()) if checkpoint \
+      else set()
+  averaged = {n[:-len(MOVING_AVERAGE_SUFFIX)] for n in names if n.endswith(MOVING_AVERAGE_SUFFIX)}
+  if not averaged:
+    raise ValueError(f'--moving_average_decay: the checkpoint {checkpoint} holds no moving '
+                     'averages; train with --moving_average_decay first, or drop the flag to use '
+                     'the weights themselves')
+
+  def getter(next_getter, name, *args, **kwargs):
+    return next_getter(name + MOVING_AVERAGE_SUFFIX if name in averaged else name, *args,
+                       **kwargs)
+  return tf.variable_scope(tf.get_variable_scope(), custom_getter=getter)
+
+
 def checkpoint_mismatches(model_variables, checkpoint_shapes):
   """Lists the model variables that a checkpoint cannot fill.
 
@@ -181,10 +210,16 @@ def warm_start_model_dir(model_dir, pretrained_path, model_fn, whole_model_param
           'resnet_imagenet_v2_fp32_20181001.'.format(
               checkpoint, len(problems), len(wanted), '\n  '.join(problems[:10])))
     tf.train.init_from_checkpoint(checkpoint, {name: name for name in wanted})
+    # Moving averages (--moving_average_decay) start at the values they average.
+    by_name = {v.op.name: v for v in variables}
+    start_averages = [v.assign(by_name[v.op.name[:-len(MOVING_AVERAGE_SUFFIX)]])
+                      for v in variables if v.op.name.endswith(MOVING_AVERAGE_SUFFIX)
+                      and v.op.name[:-len(MOVING_AVERAGE_SUFFIX)] in by_name]
     step = reader.get_tensor('global_step') if reader.has_tensor('global_step') else None
     tf.io.gfile.makedirs(model_dir)
     with tf.Session() as sess:
       sess.run(tf.global_variables_initializer())
+      sess.run(start_averages)
       tf.train.Saver().save(sess, os.path.join(model_dir, 'model.ckpt'),
                             global_step=tf.train.get_global_step())
   logging.info('Warm-started %d variables (backbone, BN statistics, final dense%s) from %s into '

@@ -69,8 +69,9 @@ class Contender:
 
     model = resnet_model.imagenet_model(FLAGS.resnet_size, 2, imagenet_main.NUM_CLASSES,
                                         'channels_last')
-    schedule = imagenet_main.learning_rate_fn(types.SimpleNamespace(fine_tune=fine_tune),
-                                              batch_size)
+    schedule = imagenet_main.learning_rate_fn(
+        types.SimpleNamespace(fine_tune=fine_tune, lr_schedule='step', warmup_epochs=None),
+        batch_size)
     params = resnet_run_loop.RunParams(
         model=model, plan=resnet_run_loop.ExitPlan.parse(classifier_id, model.num_exits,
                                                          fine_tune),

@@ -231,7 +231,7 @@ def build_signatures(model, images, thresholds, mode, chunk_size):
 def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsilon, mode,
                    export_dir_base, dataset, data_format='channels_last',
                    image_bytes_fn=None, chunk_size=DEFAULT_CHUNK_SIZE, dtype=tf.float32,
-                   moving_averages=False):
+                   moving_averages=False, accuracy_drop=None):
   """Writes the cascade SavedModel into a new timestamped folder under ``export_dir_base``.
 
   Args:
@@ -239,7 +239,8 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
     model_factory: (data_format, dtype) -> resnet_model.Model.
     image_shape: (height, width, channels) the model sees.
     thresholds_file: ``thresholds.json`` written by analyze_imagenet_labels.py.
-    epsilon: the accuracy budget whose thresholds to use (must be in the file).
+    epsilon: the article's accuracy budget whose thresholds to use (must be in the file), or
+      None with ``accuracy_drop``.
     mode: 'top1' or 'top5'.
     export_dir_base: parent folder of the export.
     dataset: data set name, recorded for cascade_predict.py.
@@ -251,13 +252,16 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
       with the same fp32 variables); its inputs and outputs are float32 whatever it is.
     moving_averages: compute with the checkpoint's moving averages of the variables (a run
       with --moving_average_decay).
+    accuracy_drop: instead of ``epsilon``, the guaranteed drop whose risk-controlled
+      thresholds to use (must be in the file).
 
   Returns:
     The folder of the SavedModel.
   """
   model = model_factory(data_format, dtype)
   report = cascade_thresholds.read(thresholds_file, model.num_classes, model.num_exits)
-  thresholds = report.thresholds(mode, epsilon)
+  choice = {'epsilon': epsilon, 'accuracy_drop': accuracy_drop}
+  thresholds = report.thresholds_for(mode, **choice)
   if not tf.train.checkpoint_exists(checkpoint or ''):
     raise FileNotFoundError('no checkpoint {!r} to export; train the exit heads first '
                             '(--fine_tune --classifier_id all)'.format(checkpoint))
@@ -293,7 +297,8 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
       'input': input_key,
       'image_shape': list(image_shape),
       'mode': mode,
-      'epsilon': float(epsilon),
+      'epsilon': None if epsilon is None else float(epsilon),
+      'accuracy_drop': None if accuracy_drop is None else float(accuracy_drop),
       'thresholds': thresholds,
       'chunk_size': chunk_size or 0,
       'dtype': model.dtype.name,
@@ -302,20 +307,12 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
       'num_exits': model.num_exits,
       'stage_macs': model.stage_macs(height, width),
       'plain_macs': model.plain_macs(height, width),
-      'offline_estimate': _offline_entry(report, epsilon, mode),
+      'offline_estimate': report.offline_estimate(mode, **choice),
       'checkpoint': checkpoint,
   }
   with open(os.path.join(export_dir, CASCADE_INFO), 'w') as f:
     json.dump(info, f, indent=2)
-  tf.logging.info('exported the cascade (%s, epsilon %s, thresholds %s) to %s', mode, epsilon,
-                  thresholds, export_dir)
+  tf.logging.info('exported the cascade (%s, %s, thresholds %s) to %s', mode,
+                  f'accuracy drop {accuracy_drop}' if accuracy_drop is not None
+                  else f'epsilon {epsilon}', thresholds, export_dir)
   return export_dir
-
-
-def _offline_entry(report, epsilon, mode):
-  """The analysis' figures for this epsilon, to compare with what the model measures.
-
-  ``report`` is the export's cascade_thresholds.Thresholds; the epsilon is in it (checked).
-  """
-  entry = report.entry(mode, epsilon)
-  return {k: entry[k] for k in ('accuracy', 'mean_macs', 'speedup', 'exit_shares') if k in entry}

@@ -18,6 +18,7 @@ import functools
 import os
 import re
 
+import tensorflow as tf2
 import tensorflow.compat.v1 as tf
 from absl import app, flags, logging
 
@@ -182,7 +183,7 @@ def decode_record(raw_record):
   return image, label
 
 
-def preprocess_image(image, is_training):
+def preprocess_image(image, is_training, augment_seed=None):
   """The CIFAR-10 preprocessing: augmentation when training, standardisation always.
 
   Training uses the augmentation of the original ResNet paper: zero-pad by 4 pixels on each
@@ -191,33 +192,39 @@ def preprocess_image(image, is_training):
   Args:
     image: float32 tensor [HEIGHT, WIDTH, NUM_CHANNELS], pixel values 0..255.
     is_training: whether to augment.
+    augment_seed: int64 [2] seed of a stateless (reproducible) augmentation, or None.
 
   Returns:
     float32 tensor [HEIGHT, WIDTH, NUM_CHANNELS] with zero mean and unit variance per image.
   """
   if is_training:
     image = tf.image.resize_image_with_crop_or_pad(image, HEIGHT + 8, WIDTH + 8)
-    image = tf.image.random_crop(image, [HEIGHT, WIDTH, NUM_CHANNELS])
-    image = tf.image.random_flip_left_right(image)
+    if augment_seed is None:
+      image = tf.image.random_crop(image, [HEIGHT, WIDTH, NUM_CHANNELS])
+      image = tf.image.random_flip_left_right(image)
+    else:
+      image = tf2.image.stateless_random_crop(image, [HEIGHT, WIDTH, NUM_CHANNELS], augment_seed)
+      image = tf2.image.stateless_random_flip_left_right(image, augment_seed + [0, 1])
   # Standardised per image (not with data-set statistics) so that any data set written in this
   # format, e.g. Fashion-MNIST, needs no statistics of its own.
   return tf.image.per_image_standardization(image)
 
 
-def parse_record(raw_record, is_training, dtype=tf.float32):
+def parse_record(raw_record, is_training, dtype=tf.float32, augment_seed=None):
   """Decodes and preprocesses one record.
 
   Args:
     raw_record: scalar string tensor of RECORD_BYTES bytes.
     is_training: whether to augment the image.
     dtype: the image's data type, e.g. tf.float32 or tf.float16.
+    augment_seed: int64 [2] seed of a reproducible augmentation, or None.
 
   Returns:
     image: tensor [HEIGHT, WIDTH, NUM_CHANNELS] of `dtype`, standardised per image.
     label: int32 scalar tensor.
   """
   image, label = decode_record(raw_record)
-  image = preprocess_image(tf.cast(image, tf.float32), is_training)
+  image = preprocess_image(tf.cast(image, tf.float32), is_training, augment_seed)
   return tf.cast(image, dtype), label
 
 
@@ -226,7 +233,7 @@ def parse_record(raw_record, is_training, dtype=tf.float32):
 ###############################################################################
 def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=tf.float32, split=None,
              datasets_num_private_threads=None, drop_remainder=False, input_context=None,
-             skip_records=0):
+             skip_records=0, take_records=None, seed=None):
   """The input function for training, evaluation and softmax dumps.
 
   Training reads the shuffled records `num_epochs` times (each epoch a fresh permutation).
@@ -246,6 +253,8 @@ def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=tf.float32, 
     input_context: a tf.distribute.InputContext; with more than one input pipeline each reads
       its own shard of the records.
     skip_records: images to leave out at the start (evaluation order; a resumed dump).
+    take_records: read only this many images after those (None: all; a part of a dump).
+    seed: seeds the training shuffle and augmentation (reproducible runs), or None.
 
   Returns:
     A dataset of ([batch, 32, 32, 3] images of `dtype`, [batch] int32 labels).
@@ -269,7 +278,8 @@ def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=tf.float32, 
       dataset, is_training, batch_size, min(num_records, _SHUFFLE_BUFFER), parse_record,
       num_epochs=num_epochs, dtype=dtype,
       datasets_num_private_threads=datasets_num_private_threads,
-      drop_remainder=drop_remainder and is_training, skip_records=skip_records)
+      drop_remainder=drop_remainder and is_training, skip_records=skip_records,
+      take_records=take_records, seed=seed)
 
 
 ###############################################################################

@@ -42,7 +42,7 @@ PARTIAL_SUFFIX = '.partial'
 LOCK_SUFFIX = '.lock'
 PROGRESS_SUFFIX = '.progress.json'
 # Facts of the run that wrote a dump, as opposed to facts of the model and data set.
-RUN_FIELDS = ('checkpoint', 'global_step', 'pretrained_global_step')
+RUN_FIELDS = ('checkpoint', 'global_step', 'pretrained_global_step', 'made_of_parts')
 
 _PROBABILITIES_RE = re.compile(r'^clf(\d+)_probabilities\.npy$')
 # '<final name>.partial' (older writers, hand renames) or '<final name>.<tag>.partial'.

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 
 import numpy as np
 
@@ -312,3 +313,81 @@ class SplitDump:
       self._lock.release()
     except OSError as e:
       _log.warning('could not release %s: %s', self._lock.path, e)
+
+
+# -------------------------------------------------------------------------------------------------
+# Sharded dumps: each worker writes a part; the last one to finish joins them.
+
+
+PARTS_DIR = '.parts'   # hidden from the analysis, which reads <softmax_dir>/<split>/ only
+
+
+def part_dir(softmax_dir, job_key, part, num_parts):
+  """The dump folder of one part of a sharded job (a small dump of its own)."""
+  return os.path.join(softmax_dir, PARTS_DIR, job_key, f'part-{part:05d}-of-{num_parts:05d}')
+
+
+def part_rows(num_images, batch_size, part, num_parts):
+  """Rows [start, end) of part ``part`` of ``num_parts`` of a split; end None: to its end.
+
+  Parts are whole global batches, so each part's batches are those of a one-process dump and the
+  joined files are byte for byte the one-process dump. The last part reads to the end of the
+  split, whatever its count.
+  """
+  batches = -(-num_images // batch_size)
+  start = batch_size * (part * batches // num_parts)
+  end = None if part == num_parts - 1 else batch_size * ((part + 1) * batches // num_parts)
+  return start, end
+
+
+def join_parts(softmax_dir, split, exits, job_key, num_parts, manifest_common, check_count=None,
+               chunk_rows=65536):
+  """Joins the parts of a sharded dump into the split's files, once every part is complete.
+
+  Runs under a lock, so of several workers that finish at once one joins and the others find
+  the split done. The manifest records how the dump was made (``made_of_parts``).
+
+  Returns:
+    The split's rows, or None while parts are missing (their workers have not finished).
+  """
+  folder = os.path.join(softmax_dir, PARTS_DIR, job_key)
+  checkpoint = manifest_common['checkpoint']
+  with dump_layout.FileLock(folder + LOCK_SUFFIX):
+    if set(exits) <= dump_layout.completed_exits(softmax_dir, split, checkpoint):
+      return dump_layout.read_manifest(softmax_dir)['splits'][split]['num_images']
+    parts = [part_dir(softmax_dir, job_key, k, num_parts) for k in range(num_parts)]
+    missing = [k for k, d in enumerate(parts)
+               if not set(exits) <= dump_layout.completed_exits(d, split, checkpoint)]
+    if missing:
+      _log.info('dump %s: part(s) %s of %d not finished yet; the worker finishing last joins '
+                'them', split, missing, num_parts)
+      return None
+    files = [(dump_layout.labels_path, np.int32, ())] + [
+        (lambda d, s, e=e: dump_layout.probabilities_path(d, s, e), np.float32, None)
+        for e in sorted(exits)]
+    writers = []
+    try:
+      for path_of, dtype, row_shape in files:
+        arrays = [np.load(path_of(d, split), mmap_mode='r') for d in parts]
+        writer = NpyRowWriter(path_of(softmax_dir, split), dtype,
+                              arrays[0].shape[1:] if row_shape is None else row_shape)
+        writers.append(writer)
+        for array in arrays:
+          for start in range(0, len(array), chunk_rows):
+            writer.write(array[start:start + chunk_rows])
+      rows = writers[0].num_rows
+      if check_count is not None:
+        check_count(rows)
+      for writer in writers:
+        writer.finalize(sync=True)
+      for writer in writers:
+        writer.publish()
+    except BaseException:
+      for writer in writers:
+        writer.abort()
+      raise
+    dump_layout.merge_manifest(softmax_dir, split, rows, exits,
+                               dict(manifest_common, made_of_parts=num_parts))
+    shutil.rmtree(folder, ignore_errors=True)
+  _log.info('dump %s: joined %d parts into %d rows', split, num_parts, rows)
+  return rows

@@ -180,18 +180,22 @@ def parse_example_proto(example_serialized):
   return features['image/encoded'], tf.cast(features['image/class/label'], tf.int32), bbox
 
 
-def parse_record(raw_record, is_training, dtype, image_size=DEFAULT_IMAGE_SIZE):
-  """Record -> ([image_size, image_size, 3] preprocessed image of dtype, int32 label)."""
+def parse_record(raw_record, is_training, dtype, image_size=DEFAULT_IMAGE_SIZE,
+                 augment_seed=None):
+  """Record -> ([image_size, image_size, 3] preprocessed image of dtype, int32 label).
+
+  ``augment_seed`` (int64 [2]) makes the training crop and flip reproducible (None: random).
+  """
   image_buffer, label, bbox = parse_example_proto(raw_record)
   image = imagenet_preprocessing.preprocess_image(
       image_buffer=image_buffer, bbox=bbox, output_height=image_size, output_width=image_size,
-      num_channels=NUM_CHANNELS, is_training=is_training)
+      num_channels=NUM_CHANNELS, is_training=is_training, augment_seed=augment_seed)
   return tf.cast(image, dtype), label
 
 
 def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=tf.float32, split=None,
              datasets_num_private_threads=None, input_context=None,
-             image_size=DEFAULT_IMAGE_SIZE, skip_records=0):
+             image_size=DEFAULT_IMAGE_SIZE, skip_records=0, take_records=None, seed=None):
   """Batches of (images, labels) for training, evaluation or a softmax dump.
 
   Args:
@@ -206,6 +210,8 @@ def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=tf.float32, 
     input_context: tf.distribute.InputContext; several input pipelines read disjoint shards.
     image_size: side of the square images the model sees.
     skip_records: images to leave out at the start (evaluation order; a resumed dump).
+    take_records: read only this many images after those (None: all; a part of a dump).
+    seed: seeds the training shuffle and augmentation (reproducible runs), or None.
 
   Returns:
     A dataset of ([batch, image_size, image_size, 3] images, [batch] int32 labels).
@@ -216,15 +222,16 @@ def input_fn(is_training, data_dir, batch_size, num_epochs=1, dtype=tf.float32, 
   if input_context and input_context.num_input_pipelines > 1:
     dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
   if is_training:
-    dataset = dataset.shuffle(buffer_size=len(filenames))
+    dataset = dataset.shuffle(buffer_size=len(filenames), seed=seed)
   dataset = dataset.interleave(
       tf.data.TFRecordDataset, cycle_length=min(_CYCLE_LENGTH, len(filenames)),
-      num_parallel_calls=tf.data.experimental.AUTOTUNE, deterministic=not is_training)
+      num_parallel_calls=tf.data.experimental.AUTOTUNE,
+      deterministic=not is_training or seed is not None)
   return input_pipeline.process_record_dataset(
       dataset, is_training, batch_size, _SHUFFLE_BUFFER,
       functools.partial(parse_record, image_size=image_size), num_epochs=num_epochs,
       dtype=dtype, datasets_num_private_threads=datasets_num_private_threads,
-      skip_records=skip_records)
+      skip_records=skip_records, take_records=take_records, seed=seed)
 
 
 ###############################################################################

@@ -14,6 +14,7 @@ by half a pixel and would feed them slightly different pixels.
 All functions build graph ops (``tensorflow.compat.v1``) and work inside ``tf.data`` ``map``.
 """
 
+import tensorflow as tf2
 import tensorflow.compat.v1 as tf
 
 # Per-channel RGB means of the ImageNet training set, subtracted from 0..255 pixels.
@@ -97,27 +98,32 @@ def _mean_image_subtraction(image, means):
   return image - tf.constant(means, dtype=image.dtype, shape=[1, 1, len(means)])
 
 
-def distorted_crop_window(image_buffer, bbox):
+def distorted_crop_window(image_buffer, bbox, seed=None):
   """Draws the training crop window for one encoded image.
 
   Args:
     image_buffer: scalar string tensor, the JPEG bytes.
     bbox: float32 [1, num_boxes, 4] tensor of (ymin, xmin, ymax, xmax) in [0, 1]; with
       num_boxes == 0 the whole image is the object.
+    seed: int64 [2] seed of a reproducible (stateless) draw, or None for a random one.
 
   Returns:
     int32 [4] tensor (offset_y, offset_x, height, width) in pixels of the encoded image.
   """
   shape = tf.image.extract_jpeg_shape(image_buffer)
-  begin, size, _ = tf.image.sample_distorted_bounding_box(
-      shape, bounding_boxes=bbox, min_object_covered=_MIN_OBJECT_COVERED,
-      aspect_ratio_range=list(_ASPECT_RATIO_RANGE), area_range=list(_AREA_RANGE),
-      max_attempts=_MAX_ATTEMPTS, use_image_if_no_bounding_boxes=True)
+  options = dict(bounding_boxes=bbox, min_object_covered=_MIN_OBJECT_COVERED,
+                 aspect_ratio_range=list(_ASPECT_RATIO_RANGE), area_range=list(_AREA_RANGE),
+                 max_attempts=_MAX_ATTEMPTS, use_image_if_no_bounding_boxes=True)
+  if seed is None:
+    begin, size, _ = tf.image.sample_distorted_bounding_box(shape, **options)
+  else:
+    begin, size, _ = tf2.image.stateless_sample_distorted_bounding_box(shape, seed=seed,
+                                                                       **options)
   return tf.stack([begin[0], begin[1], size[0], size[1]])
 
 
 def preprocess_image(image_buffer, bbox, output_height, output_width, num_channels,
-                     is_training=False):
+                     is_training=False, augment_seed=None):
   """Decodes and preprocesses one ImageNet image.
 
   Evaluation resizes the shorter side to ``eval_resize_min(output_height, output_width)``:
@@ -131,6 +137,7 @@ def preprocess_image(image_buffer, bbox, output_height, output_width, num_channe
     output_height, output_width: python ints, the output size.
     num_channels: python int, must be 3 (RGB means).
     is_training: training augmentation instead of the evaluation crop.
+    augment_seed: int64 [2] seed of a reproducible training augmentation, or None (random).
 
   Returns:
     float32 [output_height, output_width, num_channels] tensor: mean-subtracted pixels on the
@@ -141,9 +148,13 @@ def preprocess_image(image_buffer, bbox, output_height, output_width, num_channe
                      f'{len(CHANNEL_MEANS)} RGB channel means; use num_channels=3.')
   if is_training:
     # Named so that tests can fetch the window a run used.
-    window = tf.identity(distorted_crop_window(image_buffer, bbox), name='crop_window')
+    window = tf.identity(distorted_crop_window(image_buffer, bbox, augment_seed),
+                         name='crop_window')
     image = tf.image.decode_and_crop_jpeg(image_buffer, window, channels=num_channels)
-    image = tf.image.random_flip_left_right(image)
+    if augment_seed is None:
+      image = tf.image.random_flip_left_right(image)
+    else:
+      image = tf2.image.stateless_random_flip_left_right(image, augment_seed + [0, 1])
     image = _resize_bilinear(image, output_height, output_width)
   else:
     image = tf.image.decode_jpeg(image_buffer, channels=num_channels)

@@ -5,7 +5,7 @@ import tensorflow.compat.v1 as tf
 
 def process_record_dataset(dataset, is_training, batch_size, shuffle_buffer, parse_record_fn,
                            num_epochs=1, dtype=tf.float32, datasets_num_private_threads=None,
-                           drop_remainder=False, skip_records=0):
+                           drop_remainder=False, skip_records=0, take_records=None, seed=None):
   """Turns a dataset of serialized records into batches of (image, label).
 
   Args:
@@ -13,28 +13,45 @@ def process_record_dataset(dataset, is_training, batch_size, shuffle_buffer, par
     is_training: shuffle, repeat ``num_epochs`` times and augment.
     batch_size: examples per batch (per input pipeline).
     shuffle_buffer: records in the shuffle buffer (training only).
-    parse_record_fn: (record, is_training, dtype) -> (image, label).
+    parse_record_fn: (record, is_training, dtype, augment_seed=None) -> (image, label);
+      ``augment_seed`` (int64 [2], or None for TensorFlow's stateful random ops) seeds the
+      training augmentation of that one record.
     num_epochs: repetitions when training; evaluation always reads each record once.
     dtype: image dtype.
     datasets_num_private_threads: size of a private thread pool for tf.data, or None.
     drop_remainder: drop the final partial batch (never for evaluation: every image counts).
     skip_records: records to leave out at the start, before they are decoded (a resumed dump
       skips the images it had written); evaluation order only.
+    take_records: read only this many records (after the skipped ones; None: all), e.g. one
+      worker's part of a sharded dump.
+    seed: training only: seeds the shuffle and every record's augmentation, so the stream of
+      batches is the same in every run and every process (None: unseeded, as officially).
 
   Returns:
     A dataset of ([batch, height, width, channels] images, [batch] int32 labels).
   """
+  if (skip_records or take_records is not None) and is_training:
+    raise ValueError('skip_records and take_records are for the fixed order of evaluation')
   if skip_records:
-    if is_training:
-      raise ValueError('skip_records is for the fixed order of evaluation and dumps')
     dataset = dataset.skip(skip_records)
+  if take_records is not None:
+    dataset = dataset.take(take_records)
   dataset = dataset.prefetch(buffer_size=batch_size)
   if is_training:
-    dataset = dataset.shuffle(buffer_size=shuffle_buffer)
+    dataset = dataset.shuffle(buffer_size=shuffle_buffer, seed=seed)
     dataset = dataset.repeat(num_epochs)
-  dataset = dataset.map(lambda record: parse_record_fn(record, is_training, dtype),
-                        num_parallel_calls=tf.data.experimental.AUTOTUNE,
-                        deterministic=not is_training)
+  if is_training and seed is not None:
+    # A key per record, in stream order, drawn from its own seeded sequence: the augmentation
+    # then depends on the record's place in the stream, not on which thread decodes it first.
+    keys = tf.data.Dataset.random(seed=seed)
+    dataset = tf.data.Dataset.zip((dataset, keys)).map(
+        lambda record, key: parse_record_fn(
+            record, is_training, dtype, augment_seed=tf.stack([key, tf.constant(seed, tf.int64)])),
+        num_parallel_calls=tf.data.experimental.AUTOTUNE, deterministic=True)
+  else:
+    dataset = dataset.map(lambda record: parse_record_fn(record, is_training, dtype),
+                          num_parallel_calls=tf.data.experimental.AUTOTUNE,
+                          deterministic=not is_training)
   dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
   dataset = dataset.prefetch(buffer_size=tf.data.experimental.AUTOTUNE)
   if datasets_num_private_threads:

@@ -90,6 +90,35 @@ def define_base_flags(resnet_size_choices, default_resnet_size, num_exits, flag_
                            message='--batch_size must be a positive integer')
 
 
+def define_distribution_flags(flag_values):
+  """One device, several (MirroredStrategy), or several machines (MultiWorkerMirroredStrategy)."""
+  define = _definer(flag_values)
+  define('enum')('distribution_strategy', 'default', ['default', 'mirrored',
+                                                      'multi_worker_mirrored'],
+                 'default: one device, or MirroredStrategy over --num_gpus / --cpu_replicas; '
+                 'mirrored: MirroredStrategy even over one device; multi_worker_mirrored: every '
+                 'machine of the cluster in TF_CONFIG (or SLURM\'s, see --cluster_resolver) with '
+                 'its own --num_gpus, --batch_size global across all of them.')
+  define('enum')('cluster_resolver', 'tf_config', ['tf_config', 'slurm'], 'Where '
+                 'multi_worker_mirrored finds the cluster: the TF_CONFIG variable, or the '
+                 'environment of srun (one task per worker).')
+  define('integer')('slurm_port_base', 8888, 'First port of the workers under '
+                    '--cluster_resolver slurm (one per task on a node).')
+  define('float')('collective_timeout_seconds', 600, 'multi_worker_mirrored: a worker that '
+                  'stops answering for this long ends every worker with one error (rerun every '
+                  "worker's command to resume).")
+  define('float')('rendezvous_timeout_seconds', 600, 'multi_worker_mirrored: how long each '
+                  'worker waits for the others to start.')
+  define('integer')('num_workers', None, 'Dump only part --worker_index of this many parts of '
+                    'each split (independent processes, e.g. a SLURM array); the process '
+                    'finishing last joins the parts. With a cluster: its size.')
+  define('integer')('worker_index', None, 'This process\'s part, 0..--num_workers-1.')
+  _positive(flag_values, 'num_workers')
+  flags.register_validator('worker_index', lambda v: v is None or v >= 0,
+                           flag_values=flag_values,
+                           message='--worker_index must be 0 or more, below --num_workers')
+
+
 def define_training_flags(default_train_epochs, flag_values):
   """How long and how to train, and how often to evaluate and save."""
   define = _definer(flag_values)
@@ -104,6 +133,9 @@ def define_training_flags(default_train_epochs, flag_values):
                     'backbone is frozen, its BN statistics included.', short_name='ft')
   define('integer')('loss_scale', None, 'Loss scale for fp16 gradients (default 128 for '
                     'fp16, 1 otherwise).', short_name='ls')
+  define('integer')('seed', None, 'Seed the training input (the shuffle and every image\'s '
+                    'augmentation), so that its batches are the same in every run and on every '
+                    'worker; default: unseeded, as the official code.')
   define('enum')('lr_schedule', 'step', ['step', 'cosine'], 'Learning-rate schedule: the data '
                  "set's steps (the article's), or a cosine from the same initial rate to 0 at "
                  '--train_epochs.')
@@ -165,14 +197,26 @@ def define_export_flags(flag_values):
                    'SavedModel that skips the layers confident images do not need) here.')
   define('string')('cascade_thresholds', None, 'thresholds.json from analyze_imagenet_labels.py '
                    'for --export_cascade_dir.')
-  define('float')('epsilon', 0.05, 'Accuracy budget whose thresholds the exported cascade uses '
-                  '(a fraction listed in --cascade_thresholds).')
+  define('float')('epsilon', None, 'The article\'s accuracy budget whose thresholds the exported '
+                  'cascade uses (a fraction listed in --cascade_thresholds; default 0.05 unless '
+                  '--accuracy_drop is given).')
+  define('float')('accuracy_drop', None, 'Instead of --epsilon: the guaranteed accuracy drop '
+                  'whose risk-controlled thresholds the exported cascade uses (a fraction listed '
+                  'in --cascade_thresholds, from analyze_imagenet_labels.py --accuracy_drop).')
   define('enum')('cascade_mode', 'top1', ['top1', 'top5'], 'Confidence of the exported cascade: '
                  'largest probability (top1) or sum of the five largest (top5).')
   define('integer')('cascade_chunk_size', cascade_export.DEFAULT_CHUNK_SIZE, 'The exported '
                     'cascade (and its plain `full` signature) classifies a batch this many images '
                     'at a time: faster on CPUs, whose caches the early feature maps of a big batch '
                     'overflow. 0: the whole batch at once (for GPUs).', lower_bound=0)
+  define('string')('export_tflite_dir', None, 'Export one TensorFlow Lite model per stage of the '
+                   'cascade here (for cascade_predict.py --tflite), in each of --tflite_variants.')
+  define('list')('tflite_variants', ['float32', 'dynamic_int8', 'int8'], 'TFLite variants: '
+                 'float32, dynamic_int8 (int8 weights) and int8 (full integer, calibrated on '
+                 '--tflite_calibration_images training images).')
+  define('integer')('tflite_calibration_images', 500, 'Training images (evaluation '
+                    'preprocessing, in their fixed order) the int8 variant is calibrated on.',
+                    lower_bound=1)
 
 
 def define_resnet_flags(resnet_size_choices, default_resnet_size='50', default_train_epochs=90,
@@ -187,6 +231,7 @@ def define_resnet_flags(resnet_size_choices, default_resnet_size='50', default_t
     flag_values: the FlagValues to define them in (tests use a fresh one per run).
   """
   define_base_flags(resnet_size_choices, default_resnet_size, num_exits, flag_values)
+  define_distribution_flags(flag_values)
   define_training_flags(default_train_epochs, flag_values)
   define_dump_flags(flag_values)
   define_export_flags(flag_values)

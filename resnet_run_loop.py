@@ -16,6 +16,7 @@ passes its input function, its model factory, its learning-rate schedule and its
 
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 import shutil
@@ -441,27 +442,34 @@ class Job:
   """A checked request: the flags, the data set and what follows from them, derived once."""
   flags: object
   spec: DatasetSpec
-  devices: list                  # one per replica, e.g. ['/gpu:0', '/gpu:1']
+  devices: list                  # this machine's replicas, e.g. ['/gpu:0', '/gpu:1']
+  strategy: object               # over them, or across the cluster's machines
   params: RunParams
   schedule: list                 # epoch at which each train/evaluate cycle ends
+  cluster: distribution.Cluster = None    # the machines trained across, if several
+  dump_part: tuple = None        # (part, parts) of every split this process dumps, if sharded
   pretrained_step: int = None    # global step of the warm-start checkpoint, for the manifest
 
   @property
   def per_replica_batch(self):
-    return self.flags.batch_size // len(self.devices)
+    return self.flags.batch_size // self.strategy.num_replicas_in_sync
+
+  @property
+  def is_chief(self):
+    """Whether this process evaluates and writes the checkpoints (always, on one machine)."""
+    return self.cluster is None or self.cluster.is_chief
 
   def input_fn(self, is_training, split, num_epochs=1, with_labels_in_features=False,
-               skip_records=0):
+               skip_records=0, take_records=None):
     """An Estimator input function for ``split``; under a strategy, one call per pipeline."""
     flags_obj, spec = self.flags, self.spec
 
     def input_fn(input_context=None):
       # Under a strategy the replicas of one input pipeline take its batches in turn, so each
       # batch is one replica's share of the global batch.
-      local_replicas = 1
-      if input_context:
-        local_replicas = (input_context.num_replicas_in_sync //
-                          input_context.num_input_pipelines)
+      pipelines = input_context.num_input_pipelines if input_context else 1
+      replicas = input_context.num_replicas_in_sync if input_context else 1
+      local_replicas = replicas // pipelines
       split_for_replicas = local_replicas > 1 and not is_training
       if input_context is None:
         batch = flags_obj.batch_size
@@ -471,7 +479,16 @@ class Job:
           is_training=is_training, data_dir=flags_obj.data_dir, batch_size=batch,
           num_epochs=num_epochs, dtype=self.params.model.dtype, split=split,
           datasets_num_private_threads=flags_obj.datasets_num_private_threads,
-          input_context=input_context, skip_records=skip_records)
+          input_context=None, skip_records=skip_records, take_records=take_records,
+          seed=flags_obj.seed if is_training else None)
+      if pipelines > 1:
+        # Every worker reads the whole stream of per-replica batches and keeps its replicas'
+        # share: global replica r takes batch r of every num_replicas, as in a one-machine
+        # MirroredStrategy over as many replicas, so both train on the same batches.
+        worker = input_context.input_pipeline_id
+        dataset = dataset.enumerate().filter(
+            lambda i, _: tf.equal((i % replicas) // local_replicas, worker)).map(
+                lambda _, batch: batch)
       if with_labels_in_features or split_for_replicas:
         dataset = dataset.map(lambda image, label: ({'image': image, 'label': label}, label))
       if split_for_replicas:
@@ -528,18 +545,33 @@ def check_bfloat16_runs(device):
                        '--dtype fp32 (or fp16 on a GPU)') from None
 
 
+def threshold_choice(flags_obj):
+  """{'epsilon': ..., 'accuracy_drop': ...} of the exported cascade: exactly one is set."""
+  if flags_obj.epsilon is not None and flags_obj.accuracy_drop is not None:
+    raise ValueError('give --epsilon (the article\'s rule) or --accuracy_drop (a guaranteed '
+                     'drop), not both')
+  if flags_obj.accuracy_drop is not None:
+    return {'epsilon': None, 'accuracy_drop': flags_obj.accuracy_drop}
+  return {'epsilon': 0.05 if flags_obj.epsilon is None else flags_obj.epsilon,
+          'accuracy_drop': None}
+
+
 def check_request(flags_obj, spec):
   """Checks the flags against the machine, the model and the thresholds file, before any work.
 
   Returns:
     The Job.
   """
+  cluster = distribution.cluster_of(flags_obj)
+  dump_part = distribution.dump_part(flags_obj, cluster)
   devices = distribution.replica_devices(flags_obj)
-  if flags_obj.batch_size % len(devices):
+  # A CPU worker of a cluster is one replica; GPUs are one replica each.
+  replicas = len(devices) * (cluster.num_workers if cluster else 1)
+  if flags_obj.batch_size % replicas:
     raise ValueError(
-        f'--batch_size {flags_obj.batch_size} does not divide by the {len(devices)} replicas; '
-        f'use a multiple of {len(devices)}, e.g. '
-        f'{len(devices) * max(1, flags_obj.batch_size // len(devices))}')
+        f'--batch_size {flags_obj.batch_size} does not divide by the {replicas} replicas; '
+        f'use a multiple of {replicas}, e.g. '
+        f'{replicas * max(1, flags_obj.batch_size // replicas)}')
   data_format = distribution.resolve_data_format(flags_obj.data_format, devices)
   model = spec.model_factory(data_format, COMPUTE_DTYPES[flags_obj.dtype])
   plan = ExitPlan.parse(flags_obj.classifier_id, model.num_exits, flags_obj.fine_tune)
@@ -550,15 +582,17 @@ def check_request(flags_obj, spec):
     # Check the thresholds before hours of training, not after.
     if not flags_obj.cascade_thresholds:
       raise ValueError('--export_cascade_dir needs --cascade_thresholds (the thresholds.json '
-                       'written by analyze_imagenet_labels.py) and --epsilon')
+                       'written by analyze_imagenet_labels.py) and --epsilon or --accuracy_drop')
     cascade_thresholds.read(flags_obj.cascade_thresholds, num_classes=model.num_classes,
-                            num_exits=model.num_exits).thresholds(flags_obj.cascade_mode,
-                                                                  flags_obj.epsilon)
+                            num_exits=model.num_exits).thresholds_for(
+                                flags_obj.cascade_mode, **threshold_choice(flags_obj))
   for flag in ('model_dir', 'softmax_dir', 'export_dir', 'export_cascade_dir'):
     if getattr(flags_obj, flag):
       user_errors.check_writable(getattr(flags_obj, flag), '--' + flag)
   # After the checks: a bad flag should fail the same way whether or not TF has started.
   distribution.configure_cpu_replicas(flags_obj.cpu_replicas)
+  # Before any other use of TensorFlow's runtime (MultiWorkerMirroredStrategy needs that).
+  strategy = distribution.make_strategy(flags_obj, devices, cluster)
   if model.dtype == tf.bfloat16:
     check_bfloat16_runs(devices[0])
   params = RunParams(
@@ -572,8 +606,12 @@ def check_request(flags_obj, spec):
       gradient_clip_norm=flags_obj.gradient_clip_norm,
       moving_average_decay=flags_obj.moving_average_decay,
       model_dir=flags_obj.model_dir)
-  return Job(flags=flags_obj, spec=spec, devices=devices, params=params,
-             schedule=train_schedule(flags_obj))
+  logging.info('global batch %d: %d per replica, %d replica(s)%s', flags_obj.batch_size,
+               flags_obj.batch_size // strategy.num_replicas_in_sync,
+               strategy.num_replicas_in_sync,
+               f' on {cluster.num_workers} machines' if cluster else '')
+  return Job(flags=flags_obj, spec=spec, devices=devices, strategy=strategy, params=params,
+             schedule=train_schedule(flags_obj), cluster=cluster, dump_part=dump_part)
 
 
 def prepare_model_dir(job):
@@ -582,6 +620,8 @@ def prepare_model_dir(job):
   if flags_obj.clean and tf.io.gfile.exists(flags_obj.model_dir):
     logging.info('--clean: deleting %s', flags_obj.model_dir)
     shutil.rmtree(flags_obj.model_dir)
+  if not job.is_chief and flags_obj.pretrained_model_checkpoint_path:
+    _wait_for_checkpoint(flags_obj.model_dir, flags_obj.rendezvous_timeout_seconds)
   if tf.train.latest_checkpoint(flags_obj.model_dir):
     if flags_obj.pretrained_model_checkpoint_path:
       logging.info('%s already holds a checkpoint: it is used and '
@@ -601,23 +641,55 @@ def prepare_model_dir(job):
                      'holds a checkpoint')
 
 
+def _wait_for_checkpoint(model_dir, timeout_seconds):
+  """A worker of a cluster waits for the chief's warm start (the chief alone writes it)."""
+  deadline = time.monotonic() + timeout_seconds
+  while not tf.train.latest_checkpoint(model_dir):
+    if time.monotonic() > deadline:
+      raise ValueError(f'no checkpoint appeared in --model_dir {model_dir} within '
+                       f'{timeout_seconds:g} s: every worker needs the same --model_dir, on a '
+                       'file system they share, and the chief writes the warm start into it')
+    time.sleep(1)
+
+
+@dataclasses.dataclass
+class Estimators:
+  """The job's Estimator for training, and the one of this process for evaluation and dumps.
+
+  They are one and the same on a single machine (replicated over its devices). On a cluster the
+  training one spans every machine; evaluation and dumps run on each machine alone (the chief
+  evaluates, each worker dumps its part), as a cluster Estimator cannot evaluate or predict.
+  """
+  training: tf.estimator.Estimator
+  local: tf.estimator.Estimator
+
+
 def build_estimator(job):
-  """The Estimator, replicated over the job's devices for training, evaluation and dumps."""
+  """The job's Estimators (see ``Estimators``)."""
   flags_obj = job.flags
   session_config = tf.ConfigProto(
       inter_op_parallelism_threads=flags_obj.inter_op_parallelism_threads,
       intra_op_parallelism_threads=flags_obj.intra_op_parallelism_threads,
       allow_soft_placement=True)
-  strategy = distribution.distribution_strategy(job.devices)
-  run_config = tf.estimator.RunConfig(
-      train_distribute=strategy, eval_distribute=strategy, session_config=session_config,
-      save_checkpoints_secs=flags_obj.save_checkpoints_secs,
-      save_checkpoints_steps=None, keep_checkpoint_max=5, log_step_count_steps=100)
-  if flags_obj.save_checkpoints_steps:
-    run_config = run_config.replace(save_checkpoints_secs=None,
-                                    save_checkpoints_steps=flags_obj.save_checkpoints_steps)
-  return tf.estimator.Estimator(model_fn=resnet_model_fn, model_dir=flags_obj.model_dir,
-                                config=run_config, params=job.params)
+  checkpoints = {'save_checkpoints_secs': flags_obj.save_checkpoints_secs,
+                 'save_checkpoints_steps': None}
+  if flags_obj.save_checkpoints_steps or job.cluster:
+    # Across machines TensorFlow saves every N steps only (it ignores seconds).
+    checkpoints = {'save_checkpoints_secs': None,
+                   'save_checkpoints_steps': flags_obj.save_checkpoints_steps or 1000}
+
+  def estimator(strategy):
+    run_config = tf.estimator.RunConfig(
+        train_distribute=strategy, eval_distribute=None if job.cluster else strategy,
+        session_config=session_config, keep_checkpoint_max=5, log_step_count_steps=100,
+        **checkpoints)
+    return tf.estimator.Estimator(model_fn=resnet_model_fn, model_dir=flags_obj.model_dir,
+                                  config=run_config, params=job.params)
+  training = estimator(job.strategy)
+  if not job.cluster:
+    return Estimators(training=training, local=training)
+  with distribution.without_tf_config():
+    return Estimators(training=training, local=estimator(None))
 
 
 def _train_hooks(job):
@@ -632,50 +704,80 @@ def _train_hooks(job):
   return hooks
 
 
-def train_and_evaluate(estimator, job):
-  """Trains and evaluates cycle by cycle, resuming after a kill; returns the last evaluation."""
+def train_and_evaluate(estimators, job):
+  """Trains and evaluates cycle by cycle, resuming after a kill; returns the last evaluation.
+
+  Across machines the workers train straight to the end, then the chief evaluates.
+  """
   flags_obj, plan = job.flags, job.params.plan
   steps_per_epoch = math.ceil(job.spec.num_images['train'] / flags_obj.batch_size)
   # Synthetic input never ends: evaluate a fixed number of batches of it.
   eval_steps = (flags_obj.max_train_steps or 10) if flags_obj.use_synthetic_data else None
   logging.info('%s: %s, exits built %s, trained %s, %d replica(s) on %s, %s, global batch %d',
                job.spec.name, f'{job.schedule[-1]} epochs' if job.schedule else 'eval only',
-               list(plan.built), list(plan.trained) if job.schedule else [], len(job.devices),
-               job.devices, job.params.model.data_format, flags_obj.batch_size)
+               list(plan.built), list(plan.trained) if job.schedule else [],
+               job.strategy.num_replicas_in_sync, job.devices, job.params.model.data_format,
+               flags_obj.batch_size)
   latest = tf.train.latest_checkpoint(flags_obj.model_dir)
   resumed_step = int(tf.train.load_checkpoint(latest).get_tensor('global_step')) if latest else 0
-  evaluation = None
-  for cycle, end_epoch in enumerate(job.schedule):
+  cycles = []
+  for end_epoch in job.schedule:
     max_steps = end_epoch * steps_per_epoch
     if flags_obj.max_train_steps:
       max_steps = min(max_steps, flags_obj.max_train_steps)
-    last_cycle = cycle == len(job.schedule) - 1 or (
-        flags_obj.max_train_steps and max_steps >= flags_obj.max_train_steps)
-    if max_steps <= resumed_step and not last_cycle:
+    cycles.append((end_epoch, max_steps))
+    if flags_obj.max_train_steps and max_steps >= flags_obj.max_train_steps:
+      break
+  if job.cluster and cycles:
+    cycles = cycles[-1:]   # one cycle: evaluations between cycles would stall the cluster
+  evaluation = None
+  for cycle, (end_epoch, max_steps) in enumerate(cycles):
+    if max_steps <= resumed_step and cycle < len(cycles) - 1:
       # A rerun after a kill: this cycle was trained (and evaluated) before.
       logging.info('cycle %d/%d: done before (global step %d >= %d), skipped', cycle + 1,
-                   len(job.schedule), resumed_step, max_steps)
+                   len(cycles), resumed_step, max_steps)
       continue
     logging.info('cycle %d/%d: training to epoch %s (global step %d)', cycle + 1,
-                 len(job.schedule), end_epoch, max_steps)
+                 len(cycles), end_epoch, max_steps)
     # max_steps (not steps) makes a rerun after a kill resume where it stopped and end at the
     # same global step as an uninterrupted run.
     with job.reading('train'):
-      estimator.train(job.input_fn(True, 'train', num_epochs=None), hooks=_train_hooks(job),
-                      max_steps=max_steps)
-    evaluation = evaluate(estimator, job, eval_steps)
+      if job.cluster:
+        _train_across_machines(estimators.training, job, max_steps)
+      else:
+        estimators.training.train(job.input_fn(True, 'train', num_epochs=None),
+                                  hooks=_train_hooks(job), max_steps=max_steps)
+    if not job.is_chief:
+      return None
+    evaluation = evaluate(estimators.local, job, eval_steps)
     logging.info('evaluation after cycle %d: %s', cycle + 1, _format_metrics(evaluation))
     if flags_obj.stop_threshold is not None and (
         evaluation['accuracy'] >= flags_obj.stop_threshold):
       logging.info('accuracy %.4f reached --stop_threshold %.4f', evaluation['accuracy'],
                    flags_obj.stop_threshold)
       break
-    if flags_obj.max_train_steps and max_steps >= flags_obj.max_train_steps:
-      break
-  if flags_obj.eval_only and flags_obj.evaluate_in_eval_only:
-    evaluation = evaluate(estimator, job, eval_steps)
+  if flags_obj.eval_only and flags_obj.evaluate_in_eval_only and job.is_chief:
+    evaluation = evaluate(estimators.local, job, eval_steps)
     logging.info('evaluation: %s', _format_metrics(evaluation))
   return evaluation
+
+
+def _train_across_machines(estimator, job, max_steps):
+  """Trains on every worker of the cluster at once; a worker that fails stops all of them."""
+  # The Estimator trains across machines only through train_and_evaluate; the chief evaluates
+  # afterwards, on its own (an EvalSpec's input is never read under this strategy).
+  try:
+    tf.estimator.train_and_evaluate(
+        estimator, tf.estimator.TrainSpec(job.input_fn(True, 'train', num_epochs=None),
+                                          max_steps=max_steps, hooks=_train_hooks(job)),
+        tf.estimator.EvalSpec(lambda: None))
+  except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+          tf.errors.CancelledError) as e:
+    raise ValueError(
+        'training across machines stopped: a worker of the cluster failed or stopped answering '
+        '({}: {}); rerun every worker\'s command to resume from {}'.format(
+            type(e).__name__, e.message.splitlines()[0][:200],
+            tf.train.latest_checkpoint(job.flags.model_dir) or 'the start')) from None
 
 
 def evaluate(estimator, job, steps=None):
@@ -715,13 +817,21 @@ def dump_splits(estimator, job):
     common['pretrained_global_step'] = job.pretrained_step
   dumped = {}
   for split in ['validation'] + (['train'] if flags_obj.dump_train else []):
-    def make_input_fn(skip_records, split=split):
-      return job.input_fn(False, split, with_labels_in_features=True, skip_records=skip_records)
+    def make_input_fn(skip_records, take_records=None, split=split):
+      return job.input_fn(False, split, with_labels_in_features=True, skip_records=skip_records,
+                          take_records=take_records)
+    exits, check = job.params.plan.built, functools.partial(job.check_count, split, what='dumped')
     with job.reading(split):
-      dumped[split] = softmax_dump.dump_softmax(
-          estimator, make_input_fn, flags_obj.softmax_dir, split, job.params.plan.built, common,
-          check_count=lambda rows, split=split: job.check_count(split, rows, 'dumped'),
-          commit_seconds=flags_obj.dump_commit_seconds)
+      if job.dump_part is None:
+        dumped[split] = softmax_dump.dump_softmax(
+            estimator, make_input_fn, flags_obj.softmax_dir, split, exits, common,
+            check_count=check, commit_seconds=flags_obj.dump_commit_seconds)
+      else:
+        part, parts = job.dump_part
+        dumped[split] = softmax_dump.dump_softmax_part(
+            estimator, make_input_fn, flags_obj.softmax_dir, split, exits, common, part, parts,
+            spec.num_images[split], flags_obj.batch_size, check_count=check,
+            commit_seconds=flags_obj.dump_commit_seconds)
   return dumped
 
 
@@ -730,10 +840,25 @@ def export_cascade(job):
   flags_obj, spec = job.flags, job.spec
   return cascade_export.export_cascade(
       tf.train.latest_checkpoint(flags_obj.model_dir), spec.model_factory, spec.image_shape,
-      flags_obj.cascade_thresholds, flags_obj.epsilon, flags_obj.cascade_mode,
+      flags_obj.cascade_thresholds, threshold_choice(flags_obj)['epsilon'], flags_obj.cascade_mode,
       flags_obj.export_cascade_dir, spec.name, job.params.model.data_format,
       spec.image_bytes_serving_fn if flags_obj.image_bytes_as_serving_input else None,
       flags_obj.cascade_chunk_size, dtype=job.params.model.dtype,
+      moving_averages=bool(job.params.moving_average_decay),
+      accuracy_drop=threshold_choice(flags_obj)['accuracy_drop'])
+
+
+def export_tflite(job):
+  """One TensorFlow Lite model per stage of the model_dir's latest checkpoint, per variant."""
+  import tflite_export  # TensorFlow Lite's converter is needed by this step only
+  flags_obj, spec = job.flags, job.spec
+  return tflite_export.export_stages(
+      checkpoint=tf.train.latest_checkpoint(flags_obj.model_dir),
+      model_factory=spec.model_factory, image_shape=spec.image_shape,
+      export_dir_base=flags_obj.export_tflite_dir, dataset=spec.name,
+      calibration_input_fn=job.input_fn(False, 'train'),
+      num_calibration_images=flags_obj.tflite_calibration_images,
+      variants=flags_obj.tflite_variants,
       moving_averages=bool(job.params.moving_average_decay))
 
 
@@ -746,12 +871,17 @@ def resnet_main(flags_obj, spec):
   """
   job = check_request(flags_obj, spec)
   prepare_model_dir(job)
-  estimator = build_estimator(job)
-  results = {'eval': train_and_evaluate(estimator, job), 'dumped': dump_splits(estimator, job)}
+  estimators = build_estimator(job)
+  results = {'eval': train_and_evaluate(estimators, job),
+             'dumped': dump_splits(estimators.local, job)}
+  if not job.is_chief:
+    return results   # The chief alone exports.
   if flags_obj.export_dir:
-    export_model(estimator, spec, flags_obj)
+    export_model(estimators.local, spec, flags_obj)
   if flags_obj.export_cascade_dir:
     results['cascade_export'] = export_cascade(job)
+  if flags_obj.export_tflite_dir:
+    results['tflite_export'] = export_tflite(job)
   return results
 
 

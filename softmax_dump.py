@@ -279,3 +279,43 @@ class _LabelsCheck:
         f'{self._where} already holds labels for {len(self._existing)} images that differ {how} '
         'from the images of this run (another data set, split order or record set?); dump into '
         'another --softmax_dir or delete the old dumps')
+
+
+def dump_softmax_part(estimator, make_input_fn, softmax_dir, split, exits, manifest_common,
+                      part, num_parts, num_images, batch_size, check_count=None,
+                      commit_seconds=COMMIT_SECONDS):
+  """Dumps part ``part`` of ``num_parts`` of a split; the worker finishing last joins the parts.
+
+  Each worker of a cluster (or each independent process of e.g. a SLURM array) predicts a
+  disjoint, contiguous run of whole global batches (``dump_writer.part_rows``), resumably, into
+  a part folder of its own; the joined files equal a one-process dump, row for row and byte for
+  byte. A rerun after a killed worker redoes only its unfinished part.
+
+  Args:
+    make_input_fn: (skip_records, take_records) -> input_fn of the split's batches from record
+      ``skip_records`` on, ``take_records`` of them (None: to the end).
+    num_images: the split's image count (where the parts start); batch_size: the global batch.
+    Others: as for ``dump_softmax``.
+
+  Returns:
+    The split's rows once joined, or None while other parts are missing.
+  """
+  checkpoint = manifest_common['checkpoint']
+  if set(exits) <= dump_layout.completed_exits(softmax_dir, split, checkpoint):
+    rows = dump_layout.read_manifest(softmax_dir)['splits'][split]['num_images']
+    logging.info('dump %s: exits %s were dumped from %s before (%d images); skipped', split,
+                 list(exits), checkpoint, rows)
+    return rows
+  key = job_key(split, exits, checkpoint)
+  start, end = dump_writer.part_rows(num_images, batch_size, part, num_parts)
+  logging.info('dump %s: part %d of %d, images %d to %s', split, part, num_parts, start,
+               'the end' if end is None else end - 1)
+
+  def make_part_input_fn(skip_records):
+    take = None if end is None else end - start - skip_records
+    return make_input_fn(start + skip_records, take)
+  dump_softmax(estimator, make_part_input_fn, dump_writer.part_dir(softmax_dir, key, part,
+                                                                   num_parts),
+               split, exits, manifest_common, commit_seconds=commit_seconds)
+  return dump_writer.join_parts(softmax_dir, split, exits, key, num_parts, manifest_common,
+                                check_count)

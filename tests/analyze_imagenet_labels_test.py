@@ -214,7 +214,8 @@ def test_end_to_end_writes_the_report(article_like):
   assert lines[:5][0] == 'Classifier 0:'
   assert [line.split(':')[0] for line in lines[1:5]] == [
       ' Train top-1', ' Train top-5', ' Test top-1', ' Test top-5']
-  assert 'Cascade, top1 confidence: evaluated on validation, thresholds from train' in stdout
+  assert ('Cascade, top1 confidence: evaluated on validation (5,000 images), thresholds from '
+          'train (6,000 images)') in stdout
   assert 'Cascade, top5 confidence' in stdout
   with open(report_dir / 'cascade.csv') as f:
     rows = f.read().splitlines()

@@ -278,3 +278,36 @@ def test_a_stage_no_image_needs_does_not_run(chunk_size):
       assert _executed_convs(sess, fetches, {placeholder: images[:0], thresholds: [2, 2]}) == set()
     outputs = sess.run(cascade, {placeholder: images, thresholds: [0, 0]})
   np.testing.assert_array_equal(outputs['exit'], np.zeros(5))
+
+
+def test_export_with_a_guaranteed_accuracy_drop_uses_its_risk_controlled_thresholds(fashion,
+                                                                                    tmp_path):
+  with open(fashion['thresholds']) as f:
+    report = json.load(f)
+  chosen = [0.95, 0.9]
+  report['risk_controlled'] = [{
+      'mode': 'top1', 'accuracy_drop': 0.01, 'delta': 0.1, 'method': 'ltt',
+      'thresholds': chosen, 'calibration_images': 200,
+      'evaluation': {'accuracy': 0.8, 'mean_macs': 1.0, 'exit_shares': [0.5, 0.2, 0.3]}}]
+  path = tmp_path / 'thresholds.json'
+  path.write_text(json.dumps(report))
+  export_dir = cascade_export.export_cascade(
+      tf.train.latest_checkpoint(fashion['model_dir']), fashion['factory'], (32, 32, 3),
+      str(path), None, 'top1', str(tmp_path / 'export'), 'cifar10', accuracy_drop=0.01)
+  with open(os.path.join(export_dir, cascade_export.CASCADE_INFO)) as f:
+    info = json.load(f)
+  assert info['thresholds'] == chosen and info['accuracy_drop'] == 0.01
+  assert info['epsilon'] is None and info['offline_estimate']['accuracy'] == 0.8
+  with pytest.raises(ValueError, match='no top1 .*0.02'):
+    cascade_export.export_cascade(
+        tf.train.latest_checkpoint(fashion['model_dir']), fashion['factory'], (32, 32, 3),
+        str(path), None, 'top1', str(tmp_path / 'export2'), 'cifar10', accuracy_drop=0.02)
+
+
+def test_epsilon_and_accuracy_drop_together_are_refused(fashion, tmp_path):
+  with pytest.raises(ValueError, match='give --epsilon .* or --accuracy_drop .*, not both'):
+    run_helpers.run_cifar('-dd', fashion['data_dir'], '-md', fashion['model_dir'], '-rs', 8,
+                          '-rv', 2, '--eval_only', '--classifier_id', 'all', '--softmax_dir=',
+                          '--export_cascade_dir', tmp_path / 'export', '--cascade_thresholds',
+                          fashion['thresholds'], '--epsilon', 0.05, '--accuracy_drop', 0.01)
+  assert not (tmp_path / 'export').exists()

@@ -28,6 +28,24 @@ def _report(**changes):
   return report
 
 
+def _risk_entry(**changes):
+  """One "risk_controlled" entry as the analysis writes it (shortened)."""
+  entry = {'mode': 'top1', 'accuracy_drop': 0.01, 'delta': 0.1, 'method': 'ltt',
+           'thresholds': [0.8, 0.85], 'calibration_images': 500, 'candidates_from': 'train',
+           'evaluation': {'images': 500, 'accuracy': 0.79, 'drop': 0.004, 'mean_macs': 45.0,
+                          'speedup': 1.22, 'mac_reduction': 0.18, 'exit_shares': [0.3, 0.1, 0.6]}}
+  entry.update(changes)
+  return entry
+
+
+def _risk_report():
+  return _report(risk_controlled=[
+      _risk_entry(),
+      _risk_entry(accuracy_drop=0.05, thresholds=[0.6, ct.NEVER_EXIT_THRESHOLD]),
+      _risk_entry(mode='top5', accuracy_drop=0.005, method='crc', delta=None,
+                  thresholds=[0.97, 0.98])])
+
+
 @pytest.fixture
 def written(tmp_path):
   path = str(tmp_path / ct.FILE_NAME)
@@ -66,6 +84,64 @@ def test_missing_epsilon_lists_the_available_ones(written):
     table.entry('top3', 0.0)
 
 
+def test_risk_controlled_lookups(tmp_path):
+  path = str(tmp_path / ct.FILE_NAME)
+  ct.write(_risk_report(), path)
+  table = ct.read(path, num_classes=10, num_exits=3)
+  assert table.risk_controlled('top1', 0.01)['thresholds'] == [0.8, 0.85]
+  assert table.risk_controlled('top1', 0.05 + ct.EPSILON_TOLERANCE / 2)['accuracy_drop'] == 0.05
+  assert table.accuracy_drops('top1') == [0.01, 0.05] and table.accuracy_drops('top5') == [0.005]
+  assert table.epsilons('top1') == [0.0, 0.05]
+  # Exactly one of the two rules; the same numbers either way.
+  assert table.thresholds_for('top1', accuracy_drop=0.05) == [0.6, 2.0]
+  assert table.thresholds_for('top1', epsilon=0.05) == table.thresholds('top1', 0.05)
+  assert table.thresholds_for('top5', accuracy_drop=0.005) == [0.97, 0.98]
+  assert all(isinstance(t, float) for t in table.thresholds_for('top1', accuracy_drop=0.01))
+  assert table.offline_estimate('top1', accuracy_drop=0.01) == {
+      'accuracy': 0.79, 'mean_macs': 45.0, 'speedup': 1.22, 'exit_shares': [0.3, 0.1, 0.6]}
+  assert table.offline_estimate('top1', epsilon=0.0)['accuracy'] == 0.8
+  for kwargs, given in (({}, 'neither'), ({'epsilon': 0.05, 'accuracy_drop': 0.01}, 'both')):
+    with pytest.raises(ValueError, match=rf'give exactly one of epsilon \(--epsilon, the '
+                                         rf'article\'s rule\) and accuracy_drop \(--accuracy_drop, '
+                                         rf'a guaranteed drop\), got {given}; .* has top1 '
+                                         r'epsilons 0, 0\.05 and accuracy drops 0\.01, 0\.05'):
+      table.thresholds_for('top1', **kwargs)
+
+
+def test_missing_risk_controlled_entries_say_what_there_is(tmp_path, written):
+  path = str(tmp_path / 'r.json')
+  ct.write(_risk_report(), path)
+  table = ct.read(path)
+  with pytest.raises(ct.MissingEntryError, match=r'no top1 risk-controlled thresholds for accuracy '
+                                                 r'drop 0\.02; available: 0\.01, 0\.05 \(a '
+                                                 r'fraction: 0\.01 means one percentage point\)'):
+    table.thresholds_for('top1', accuracy_drop=0.02)
+  with pytest.raises(ct.MissingEntryError, match=r'no top1 thresholds for epsilon 0\.02'):
+    table.thresholds_for('top1', epsilon=0.02)
+  with pytest.raises(ValueError, match='mode must be one of'):
+    table.risk_controlled('top3', 0.01)
+  # A file without risk control (or a version-1 file) says how to make the entries.
+  with pytest.raises(ct.MissingEntryError,
+                     match=r'has no risk-controlled thresholds .*; re-run analyze_imagenet_labels'
+                           r'\.py with --calibration_split validation --calibration_fraction 0\.5 '
+                           r'--accuracy_drop 0\.01'):
+    ct.read(written).thresholds_for('top1', accuracy_drop=0.01)
+  report = _risk_report()
+  report['risk_controlled'] = [e for e in report['risk_controlled'] if e['mode'] == 'top5']
+  ct.write(report, path)
+  with pytest.raises(ct.MissingEntryError, match=r"no top1 risk-controlled thresholds \(modes "
+                                                 r"present: \['top5'\]\); .* without --top5"):
+    ct.read(path).risk_controlled('top1', 0.01)
+
+
+def test_version_1_files_are_still_read(tmp_path):
+  path = str(tmp_path / 'old.json')
+  ct.write(_report(format_version=1), path)
+  table = ct.read(path, num_classes=10, num_exits=3)
+  assert table.thresholds_for('top1', epsilon=0.05) == [0.7, 2.0]
+  assert table.accuracy_drops('top1') == []
+
+
 def test_missing_mode_says_how_to_get_it(tmp_path):
   path = str(tmp_path / 't.json')
   report = _report()
@@ -95,7 +171,18 @@ def test_a_file_for_another_model_is_refused(tmp_path):
                                 r'damaged or was cut short; re-run analyze_imagenet_labels\.py'),
     ('', r'is not valid JSON \(Expecting value at line 1, column 1\)'),
     ('[1, 2]', 'holds a JSON list, not the thresholds object'),
-    (json.dumps(_report(format_version=7)), 'has format version 7, this code reads version 1'),
+    (json.dumps(_report(format_version=7)),
+     'has format version 7, this code reads versions 1 and 2'),
+    (json.dumps(_report(format_version=True)), 'has format version True'),
+    (json.dumps(_report(risk_controlled={'top1': []})), '"risk_controlled" must be a list'),
+    (json.dumps(_report(risk_controlled=[_risk_entry(mode='top3')])),
+     'entry 0 of "risk_controlled" needs a "mode"'),
+    (json.dumps(_report(risk_controlled=[_risk_entry(accuracy_drop=1.5)])),
+     r'entry 0 of "risk_controlled" needs .* an "accuracy_drop" in \(0, 1\)'),
+    (json.dumps(_report(risk_controlled=[_risk_entry(thresholds=[0.5])])),
+     'entry 0 of "risk_controlled" needs .* 2 numeric "thresholds"'),
+    (json.dumps(_report(risk_controlled=[_risk_entry(), _risk_entry(thresholds=[0.1, 0.2])])),
+     r'"risk_controlled" holds two top1 entries for accuracy drop 0\.01'),
     (json.dumps(_report(num_classes='10')), '"num_classes" must be an integer'),
     (json.dumps({k: v for k, v in _report().items() if k not in ('top1', 'top5')}),
      'holds no thresholds'),

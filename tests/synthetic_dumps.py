@@ -56,6 +56,32 @@ def synthetic_probabilities(rng, labels, ease, strength, num_classes=IMAGENET_CL
   return logits
 
 
+def synthetic_split(rng, num_images, num_classes=IMAGENET_CLASSES,
+                    strengths=ARTICLE_LIKE_STRENGTHS, nested=False):
+  """One split in memory: (labels int32 [N], [probabilities float32 [N, C]] one per exit).
+
+  Every call draws new images from the same distribution, so two calls are independent samples
+  of it (what the coverage tests of risk control need).
+
+  With ``nested`` every exit of an image shares one draw of the class logits (and strengths
+  must ascend): an image an exit gets right, every later exit gets right too (its true class
+  only gains), so an early exit never fixes a mistake of the last and the cascade's loss is 0 or
+  1, never -1. Risk control's bound max(L, 0) is then exact: the setting where it is tight.
+  """
+  labels = synthetic_labels(rng, num_images, num_classes)
+  ease = rng.standard_normal(num_images).astype(np.float32)
+  if not nested:
+    return labels, [synthetic_probabilities(rng, labels, ease, s, num_classes) for s in strengths]
+  if list(strengths) != sorted(strengths):
+    raise ValueError(f'nested exits need ascending strengths, got {strengths}')
+  state = rng.bit_generator.state
+  probabilities = []
+  for s in strengths:
+    rng.bit_generator.state = state      # the same logits for every exit
+    probabilities.append(synthetic_probabilities(rng, labels, ease, s, num_classes))
+  return labels, probabilities
+
+
 def manifest_common(num_classes, num_exits, stage_macs=None, plain_macs=None):
   """The split-independent manifest fields the run loop records (costs: the article's)."""
   return {

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 
+import tensorflow as tf2
 import tensorflow.compat.v1 as tf
 from absl import logging
 
@@ -259,8 +260,9 @@ def multi_worker_strategy(timeout_seconds):
   """
   from tensorflow.python.training import monitored_session
   monitored_session._PREEMPTION_ERRORS = ()   # noqa: SLF001 -- no public switch in TF 2.15
-  options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds)
-  return tf.distribute.experimental.MultiWorkerMirroredStrategy(communication_options=options)
+  # TensorFlow 2's class: the compat.v1 one has no communication options (no timeout).
+  options = tf2.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds)
+  return tf2.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 
 def cluster_of(flags_obj):
@@ -353,3 +355,21 @@ def without_tf_config():
   finally:
     if saved is not None:
       os.environ['TF_CONFIG'] = saved
+
+
+def check_bfloat16_runs(device):
+  """Raises one clear error if ``device`` cannot run the model's ops in bfloat16."""
+  with tf.Graph().as_default(), tf.device(device):
+    images = tf.ones([1, 8, 8, 3], tf.bfloat16)
+    features = tf.nn.conv2d(images, tf.ones([3, 3, 3, 4], tf.bfloat16), 1, 'SAME')
+    features, _, _ = tf.nn.fused_batch_norm(features, tf.ones([4]), tf.zeros([4]),
+                                            tf.zeros([4]), tf.ones([4]), is_training=False)
+    logits = tf.matmul(tf.reshape(features, [1, -1]), tf.ones([256, 2], tf.bfloat16))
+    try:
+      with tf.Session() as sess:
+        sess.run(logits)
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
+            tf.errors.UnimplementedError) as e:
+      raise ValueError(f'--dtype bf16: TensorFlow cannot run bfloat16 convolutions, batch norms '
+                       f'or matrix products on {device} ({e.message.splitlines()[0]}); use '
+                       '--dtype fp32 (or fp16 on a GPU)') from None

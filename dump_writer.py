@@ -2,6 +2,7 @@
 dumps into the same folder. The layout itself (file names, manifest) is ``dump_layout``'s.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -389,5 +390,7 @@ def join_parts(softmax_dir, split, exits, job_key, num_parts, manifest_common, c
     dump_layout.merge_manifest(softmax_dir, split, rows, exits,
                                dict(manifest_common, made_of_parts=num_parts))
     shutil.rmtree(folder, ignore_errors=True)
+  with contextlib.suppress(OSError):   # the parts folder, unless another job's parts are there
+    os.rmdir(os.path.dirname(folder))
   _log.info('dump %s: joined %d parts into %d rows', split, num_parts, rows)
   return rows

@@ -12,8 +12,8 @@ import tensorflow.compat.v1 as tf
 from absl import flags
 
 import cascade_export
+import model_fn
 import resnet_model
-import resnet_run_loop
 import softmax_dump
 
 
@@ -79,7 +79,7 @@ def define_base_flags(resnet_size_choices, default_resnet_size, num_exits, flag_
 
   def classifier_id_is_valid(value):
     try:
-      resnet_run_loop.ExitPlan.parse(value, num_exits)
+      model_fn.ExitPlan.parse(value, num_exits)
     except ValueError:
       return False
     return True
@@ -147,9 +147,9 @@ def define_training_flags(default_train_epochs, flag_values):
                   'trained variables (in the checkpoint, under ExponentialMovingAverage names) '
                   'and evaluate, dump and export with it.')
   define('float')('gradient_clip_norm', None, 'Clip the gradients to this global norm.')
-  define('float')('weight_decay', resnet_run_loop.WEIGHT_DECAY, 'Weight decay of the trained '
+  define('float')('weight_decay', model_fn.WEIGHT_DECAY, 'Weight decay of the trained '
                   'variables but those --weight_decay_exclude matches.')
-  define('list')('weight_decay_exclude', list(resnet_run_loop.WEIGHT_DECAY_EXCLUDE),
+  define('list')('weight_decay_exclude', list(model_fn.WEIGHT_DECAY_EXCLUDE),
                  'Regular expressions; trained variables whose name one of them matches are not '
                  'decayed (default: BN parameters and biases).')
   define('boolean')('decoupled_weight_decay', False, 'Decay the weights in the update (w -= lr '

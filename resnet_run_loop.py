@@ -5,20 +5,21 @@ passes its input function, its model factory, its learning-rate schedule and its
 ``DatasetSpec``, and the parsed flags (``resnet_flags``). ``resnet_main`` then runs these steps:
 
 1. ``check_request``: the flags against the machine, the model and the thresholds file, before
-   any work; the exits to build and train (``ExitPlan``) and the model function's ``RunParams``;
+   any work; the exits to build and train and the model function's parameters (``model_fn``);
+   the devices and the strategy, on one machine or across a cluster (``distribution``);
 2. ``prepare_model_dir``: ``--clean``, then the model_dir's checkpoint (checked against the
    model) or the warm start from ``--pretrained_model_checkpoint_path`` (``warm_start``);
-3. ``build_estimator``: on one device or replicated (``distribution``);
+3. ``build_estimator``: the Estimator(s) of the job;
 4. ``train_and_evaluate``: cycle by cycle, resumable to the same final global step;
-5. ``dump_splits``: every built exit's softmax, validation and training splits (``softmax_dump``);
-6. ``export_model`` / ``export_cascade``: the plain network and the real early-exit cascade.
+5. ``dump_splits``: every built exit's softmax, validation and training splits, whole or in
+   parts (``softmax_dump``);
+6. the exports (``exports``): the plain network, the real early-exit cascade, TFLite stages.
 """
 
 import contextlib
 import dataclasses
 import functools
 import math
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -26,20 +27,13 @@ from collections.abc import Callable
 import tensorflow.compat.v1 as tf
 from absl import logging
 
-import cascade_export
 import cascade_thresholds
 import distribution
-import resnet_model
+import exports
+import model_fn
 import softmax_dump
 import user_errors
 import warm_start
-
-MOMENTUM = 0.9
-WEIGHT_DECAY = 1e-4
-# --dtype: the compute precision (variables stay fp32).
-COMPUTE_DTYPES = {'fp32': tf.float32, 'fp16': tf.float16, 'bf16': tf.bfloat16}
-# Not decayed: BN parameters (backbone and heads) and biases, i.e. only kernels are.
-WEIGHT_DECAY_EXCLUDE = (r'batch_normalization', r'_bn\d', r'/bias$')
 
 
 ################################################################################
@@ -123,258 +117,6 @@ def learning_rate_schedule(flags_obj, batch_size, batch_denom, num_images, base_
 
 
 ################################################################################
-# What a run builds and trains.
-################################################################################
-ALL_EXITS = 'all'
-
-
-@dataclasses.dataclass(frozen=True)
-class ExitPlan:
-  """``--classifier_id`` and ``--fine_tune``, parsed once: the exits a run builds and trains."""
-  built: tuple              # exit ids whose logits the graph holds (and the dumps write)
-  trained: tuple            # exit ids whose loss training minimises
-  frozen_backbone: bool     # only the trained heads change; the backbone's BNs stay in inference
-
-  @classmethod
-  def parse(cls, classifier_id, num_exits, fine_tune=False):
-    """The plan for an exit id (0..num_exits-1) or 'all'; ValueError naming --classifier_id.
-
-    With ``--fine_tune --classifier_id all`` only the early heads train: the final classifier
-    is the pretrained one. Otherwise every built exit trains.
-    """
-    if isinstance(classifier_id, str) and classifier_id.strip().lower() == ALL_EXITS:
-      built = tuple(range(num_exits))
-    else:
-      try:
-        built = (int(classifier_id),)
-      except (TypeError, ValueError):
-        built = ()
-      if not built or not 0 <= built[0] < num_exits:
-        raise ValueError(f'--classifier_id must be one of {list(range(num_exits))} or '
-                         f'{ALL_EXITS!r}, got {classifier_id!r}')
-    trained = built
-    if fine_tune and len(built) > 1:
-      trained = tuple(e for e in built if e != num_exits - 1)
-    return cls(built=built, trained=trained, frozen_backbone=bool(fine_tune))
-
-  @classmethod
-  def every_exit(cls, num_exits):
-    """Every exit built and trained, every variable trainable (the warm start's graph)."""
-    exits = tuple(range(num_exits))
-    return cls(built=exits, trained=exits, frozen_backbone=False)
-
-  def trained_groups(self, num_exits):
-    """Variable groups that get gradients (resnet_model.variable_group); None: every one."""
-    if not self.frozen_backbone:
-      return None
-    return {resnet_model.head_group(e, num_exits) for e in self.trained}
-
-
-@dataclasses.dataclass(frozen=True)
-class RunParams:
-  """Everything the model function reads (never global flags): the Estimator's ``params``."""
-  model: resnet_model.Model          # the network description; its dtype is the compute dtype
-  plan: ExitPlan
-  learning_rate_fn: Callable = None  # global_step -> learning rate tensor (training only)
-  loss_scale: float = 1              # fp16 gradients underflow: the loss is scaled up by this
-  weight_decay: float = WEIGHT_DECAY
-  weight_decay_exclude: tuple = WEIGHT_DECAY_EXCLUDE   # regexes of variables not decayed
-  decoupled_weight_decay: bool = False   # decay in the update, not as an L2 term of the loss
-  momentum: float = MOMENTUM
-  label_smoothing: float = 0.0
-  gradient_clip_norm: float = None   # clip the gradients to this global norm
-  # Train an exponential moving average of the trained variables, and evaluate, dump and
-  # export with it (tf.train.ExponentialMovingAverage's shadow variables, in the checkpoint).
-  moving_average_decay: float = None
-  # In training graphs, the variables of this folder's latest checkpoint that the graph does
-  # not build (the later stages when only exit 0 trains) are carried along, so the checkpoints
-  # the run writes still hold the whole model.
-  model_dir: str = None
-
-
-################################################################################
-# Model function.
-################################################################################
-def _images_labels_valid(features, labels):
-  """Features arrive as an image tensor, or as a dict carrying the labels along (dumps) and a
-  mask of the real images (``valid``, under a strategy: see ``split_into_replica_batches``)."""
-  if isinstance(features, dict):
-    return features['image'], features.get('label', labels), features.get('valid')
-  return features, labels, None
-
-
-def _cross_entropy(labels, logits, weights, label_smoothing):
-  """Mean cross-entropy of one exit (padding weighs 0); with label smoothing s the target is
-  1 - s + s / C for the true class and s / C for the others."""
-  weights = 1.0 if weights is None else weights
-  if not label_smoothing:
-    return tf.losses.sparse_softmax_cross_entropy(labels=labels, logits=logits, weights=weights,
-                                                  reduction=tf.losses.Reduction.MEAN,
-                                                  loss_collection=None)
-  return tf.losses.softmax_cross_entropy(
-      tf.one_hot(labels, logits.shape[-1]), logits, weights=weights,
-      label_smoothing=label_smoothing, reduction=tf.losses.Reduction.MEAN, loss_collection=None)
-
-
-def _metrics(exit_logits, predictions, labels, weights):
-  """Top-1 and top-5 accuracy per exit ('accuracy': the deepest exit's, for --stop_threshold)
-  and the number of images evaluated."""
-  metrics = {}
-  for exit_id in sorted(exit_logits):
-    metrics[f'clf{exit_id}/accuracy'] = tf.metrics.accuracy(
-        labels, predictions[f'clf{exit_id}_classes'], weights=weights)
-    metrics[f'clf{exit_id}/accuracy_top_5'] = tf.metrics.mean(
-        tf.nn.in_top_k(exit_logits[exit_id], labels, 5), weights=weights)
-  deepest = max(exit_logits)
-  metrics['accuracy'] = metrics[f'clf{deepest}/accuracy']
-  metrics['accuracy_top_5'] = metrics[f'clf{deepest}/accuracy_top_5']
-  # The images evaluated (padding excluded), checked against the split's known size: counted
-  # as "true positives" of an always-true prediction, a count metric that handles replicas.
-  everyone = tf.ones_like(labels, tf.bool)
-  metrics['num_images'] = tf.metrics.true_positives(everyone, everyone, weights=weights)
-  return metrics
-
-
-def _training_summaries(exit_logits, predictions, labels, cross_entropy):
-  """Batch accuracy of each trained head, as named tensors (for the logs) and in TensorBoard."""
-  for exit_id in cross_entropy:
-    correct = tf.cast(tf.equal(tf.cast(predictions[f'clf{exit_id}_classes'], tf.int32),
-                               labels), tf.float32)
-    in_top5 = tf.cast(tf.nn.in_top_k(exit_logits[exit_id], labels, 5), tf.float32)
-    tf.identity(tf.reduce_mean(correct), name=f'clf{exit_id}_train_accuracy')
-    tf.identity(tf.reduce_mean(in_top5), name=f'clf{exit_id}_train_accuracy_top_5')
-    tf.summary.scalar(f'clf{exit_id}/train_accuracy', tf.reduce_mean(correct))
-    tf.summary.scalar(f'clf{exit_id}/train_accuracy_top_5', tf.reduce_mean(in_top5))
-    tf.summary.scalar(f'clf{exit_id}/cross_entropy', cross_entropy[exit_id])
-
-
-def variable_name(variable):
-  """A variable's name without ':0'. Under MirroredStrategy the copy of replica k > 0 has an op
-  name of its own ('.../kernel/replica_1'); this is the name every replica shares."""
-  return variable.name.split(':')[0]
-
-
-def decayed_variables(variables, exclude):
-  """The members of ``variables`` whose names no regular expression of ``exclude`` matches."""
-  patterns = [re.compile(p) for p in exclude]
-  return [v for v in variables if not any(p.search(variable_name(v)) for p in patterns)]
-
-
-def _train_op(loss, trainable, decayed, params):
-  """Momentum SGD on ``trainable``, the BN moving-average updates, and the optional extras.
-
-  Extras (each off by default): clipping the gradients to a global norm, decoupled weight decay
-  of ``decayed`` (w -= lr * weight_decay * w after the step), and the exponential moving average
-  of ``trainable`` after the step.
-  """
-  global_step = tf.train.get_or_create_global_step()
-  learning_rate = tf.identity(params.learning_rate_fn(global_step), name='learning_rate')
-  tf.summary.scalar('learning_rate', learning_rate)
-  optimizer = tf.train.MomentumOptimizer(learning_rate=learning_rate, momentum=params.momentum)
-  # fp16 gradients underflow; scale the loss up and the gradients back down.
-  grads_and_vars = optimizer.compute_gradients(loss * params.loss_scale, var_list=trainable)
-  grads_and_vars = [(g, v) for g, v in grads_and_vars if g is not None]
-  if params.loss_scale != 1:
-    grads_and_vars = [(g / params.loss_scale, v) for g, v in grads_and_vars]
-  if params.gradient_clip_norm:
-    clipped, norm = tf.clip_by_global_norm([g for g, _ in grads_and_vars],
-                                           params.gradient_clip_norm)
-    tf.identity(norm, name='gradient_norm')   # before clipping
-    tf.summary.scalar('gradient_norm', norm)
-    grads_and_vars = list(zip(clipped, [v for _, v in grads_and_vars], strict=True))
-  step_op = optimizer.apply_gradients(grads_and_vars, global_step)
-  after_step = []
-  with tf.control_dependencies([step_op]):
-    if params.decoupled_weight_decay and params.weight_decay:
-      after_step += [v.assign_sub(learning_rate * params.weight_decay * v) for v in decayed]
-    if params.moving_average_decay:
-      with tf.control_dependencies(after_step):
-        average = tf.train.ExponentialMovingAverage(params.moving_average_decay)
-        after_step.append(average.apply(trainable))
-  # Only BNs in training mode register moving-average updates: the heads', or everyone's when
-  # the whole network trains. A frozen backbone has none.
-  return tf.group(step_op, *after_step, tf.get_collection(tf.GraphKeys.UPDATE_OPS))
-
-
-def resnet_model_fn(features, labels, mode, params):
-  """Estimator model function for the cascaded ResNets.
-
-  Args:
-    features: [batch, height, width, channels] images, or a dict with 'image', and 'label'
-      (dumps) and 'valid' (padding mask under a strategy).
-    labels: [batch] int labels (None when predicting).
-    mode: a tf.estimator.ModeKeys.
-    params: a RunParams.
-
-  Returns:
-    An EstimatorSpec. Predictions per built exit k: ``clf<k>_probabilities`` [batch,
-    num_classes] float32 and ``clf<k>_classes`` [batch] int64; plus ``label`` and ``valid``
-    when the features carry them.
-  """
-  images, labels, valid = _images_labels_valid(features, labels)
-  model, plan = params.model, params.plan
-  is_training = mode == tf.estimator.ModeKeys.TRAIN
-  # While heads fine-tune, the backbone is frozen: its BNs must use (and keep) the pretrained
-  # moving statistics, so they run in inference mode even though the heads train.
-  backbone_training = is_training and not plan.frozen_backbone
-  averaged = contextlib.nullcontext()
-  if params.moving_average_decay and not is_training:
-    # Evaluation, dumps and exports use the averaged weights.
-    averaged = warm_start.moving_average_scope(tf.train.latest_checkpoint(params.model_dir))
-  with averaged:
-    exit_logits = model(tf.cast(images, model.dtype), training=is_training,
-                        backbone_training=backbone_training, exits=plan.built)
-  exit_logits = {k: tf.cast(v, tf.float32) for k, v in exit_logits.items()}
-
-  predictions = {}
-  for exit_id, logits in exit_logits.items():
-    predictions[f'clf{exit_id}_probabilities'] = tf.nn.softmax(
-        logits, name=f'clf{exit_id}_softmax')
-    predictions[f'clf{exit_id}_classes'] = tf.argmax(logits, axis=1)
-
-  if mode == tf.estimator.ModeKeys.PREDICT:
-    export_outputs = {'predict': tf.estimator.export.PredictOutput(dict(predictions))}
-    if labels is not None:
-      predictions['label'] = tf.identity(labels)
-    if valid is not None:
-      predictions['valid'] = tf.identity(valid)
-    return tf.estimator.EstimatorSpec(mode=mode, predictions=predictions,
-                                      export_outputs=export_outputs)
-
-  labels = tf.cast(labels, tf.int32)
-  # Padding images (a replica's share of the last batch may be nothing but padding) weigh 0.
-  weights = None if valid is None else tf.cast(valid, tf.float32)
-  loss_exits = plan.trained if is_training else tuple(sorted(exit_logits))
-  cross_entropy = {k: _cross_entropy(labels, exit_logits[k], weights, params.label_smoothing)
-                   for k in loss_exits}
-  total_cross_entropy = tf.add_n(list(cross_entropy.values()), name='cross_entropy')
-  tf.summary.scalar('cross_entropy', total_cross_entropy)
-
-  groups = plan.trained_groups(model.num_exits)
-  trainable = [v for v in tf.trainable_variables() if groups is None
-               or resnet_model.variable_group(variable_name(v), model.num_exits) in groups]
-  # Weight decay on the trained kernels (by default not on biases or BN parameters).
-  decayed = decayed_variables(trainable, params.weight_decay_exclude)
-  loss = total_cross_entropy
-  if not params.decoupled_weight_decay:
-    l2_loss = params.weight_decay * tf.add_n(
-        [tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in decayed] or [tf.constant(0.0)])
-    tf.summary.scalar('l2_loss', l2_loss)
-    loss = total_cross_entropy + l2_loss
-
-  train_op = None
-  if is_training:
-    _training_summaries(exit_logits, predictions, labels, cross_entropy)
-    train_op = _train_op(loss, trainable, decayed, params)
-    if params.model_dir:
-      warm_start.carry_unbuilt_variables(tf.train.latest_checkpoint(params.model_dir))
-  return tf.estimator.EstimatorSpec(mode=mode, predictions=predictions, loss=loss,
-                                    train_op=train_op,
-                                    eval_metric_ops=_metrics(exit_logits, predictions, labels,
-                                                             weights))
-
-
-################################################################################
 # Hooks.
 ################################################################################
 class ExamplesPerSecondHook(tf.train.SessionRunHook):
@@ -444,7 +186,7 @@ class Job:
   spec: DatasetSpec
   devices: list                  # this machine's replicas, e.g. ['/gpu:0', '/gpu:1']
   strategy: object               # over them, or across the cluster's machines
-  params: RunParams
+  params: model_fn.RunParams
   schedule: list                 # epoch at which each train/evaluate cycle ends
   cluster: distribution.Cluster = None    # the machines trained across, if several
   dump_part: tuple = None        # (part, parts) of every split this process dumps, if sharded
@@ -527,35 +269,6 @@ class Job:
         found or 'a file of the split is missing, truncated or replaced: convert it again'))
 
 
-def check_bfloat16_runs(device):
-  """Raises one clear error if ``device`` cannot run the model's ops in bfloat16."""
-  with tf.Graph().as_default(), tf.device(device):
-    images = tf.ones([1, 8, 8, 3], tf.bfloat16)
-    features = tf.nn.conv2d(images, tf.ones([3, 3, 3, 4], tf.bfloat16), 1, 'SAME')
-    features, _, _ = tf.nn.fused_batch_norm(features, tf.ones([4]), tf.zeros([4]),
-                                            tf.zeros([4]), tf.ones([4]), is_training=False)
-    logits = tf.matmul(tf.reshape(features, [1, -1]), tf.ones([256, 2], tf.bfloat16))
-    try:
-      with tf.Session() as sess:
-        sess.run(logits)
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
-            tf.errors.UnimplementedError) as e:
-      raise ValueError(f'--dtype bf16: TensorFlow cannot run bfloat16 convolutions, batch norms '
-                       f'or matrix products on {device} ({e.message.splitlines()[0]}); use '
-                       '--dtype fp32 (or fp16 on a GPU)') from None
-
-
-def threshold_choice(flags_obj):
-  """{'epsilon': ..., 'accuracy_drop': ...} of the exported cascade: exactly one is set."""
-  if flags_obj.epsilon is not None and flags_obj.accuracy_drop is not None:
-    raise ValueError('give --epsilon (the article\'s rule) or --accuracy_drop (a guaranteed '
-                     'drop), not both')
-  if flags_obj.accuracy_drop is not None:
-    return {'epsilon': None, 'accuracy_drop': flags_obj.accuracy_drop}
-  return {'epsilon': 0.05 if flags_obj.epsilon is None else flags_obj.epsilon,
-          'accuracy_drop': None}
-
-
 def check_request(flags_obj, spec):
   """Checks the flags against the machine, the model and the thresholds file, before any work.
 
@@ -573,8 +286,8 @@ def check_request(flags_obj, spec):
         f'use a multiple of {replicas}, e.g. '
         f'{replicas * max(1, flags_obj.batch_size // replicas)}')
   data_format = distribution.resolve_data_format(flags_obj.data_format, devices)
-  model = spec.model_factory(data_format, COMPUTE_DTYPES[flags_obj.dtype])
-  plan = ExitPlan.parse(flags_obj.classifier_id, model.num_exits, flags_obj.fine_tune)
+  model = spec.model_factory(data_format, model_fn.COMPUTE_DTYPES[flags_obj.dtype])
+  plan = model_fn.ExitPlan.parse(flags_obj.classifier_id, model.num_exits, flags_obj.fine_tune)
   if not flags_obj.is_cascaded and plan.built != (model.final_exit,):
     raise ValueError('--nois_cascaded builds the plain network, whose only classifier is '
                      f'--classifier_id {model.final_exit}')
@@ -585,7 +298,7 @@ def check_request(flags_obj, spec):
                        'written by analyze_imagenet_labels.py) and --epsilon or --accuracy_drop')
     cascade_thresholds.read(flags_obj.cascade_thresholds, num_classes=model.num_classes,
                             num_exits=model.num_exits).thresholds_for(
-                                flags_obj.cascade_mode, **threshold_choice(flags_obj))
+                                flags_obj.cascade_mode, **exports.threshold_choice(flags_obj))
   for flag in ('model_dir', 'softmax_dir', 'export_dir', 'export_cascade_dir'):
     if getattr(flags_obj, flag):
       user_errors.check_writable(getattr(flags_obj, flag), '--' + flag)
@@ -594,8 +307,8 @@ def check_request(flags_obj, spec):
   # Before any other use of TensorFlow's runtime (MultiWorkerMirroredStrategy needs that).
   strategy = distribution.make_strategy(flags_obj, devices, cluster)
   if model.dtype == tf.bfloat16:
-    check_bfloat16_runs(devices[0])
-  params = RunParams(
+    distribution.check_bfloat16_runs(devices[0])
+  params = model_fn.RunParams(
       model=model, plan=plan,
       learning_rate_fn=spec.learning_rate_fn(flags_obj, flags_obj.batch_size),
       loss_scale=flags_obj.loss_scale or (128 if flags_obj.dtype == 'fp16' else 1),
@@ -627,13 +340,13 @@ def prepare_model_dir(job):
       logging.info('%s already holds a checkpoint: it is used and '
                    '--pretrained_model_checkpoint_path %s is ignored', flags_obj.model_dir,
                    flags_obj.pretrained_model_checkpoint_path)
-    warm_start.check_model_dir_fits(flags_obj.model_dir, resnet_model_fn, job.params,
+    warm_start.check_model_dir_fits(flags_obj.model_dir, model_fn.resnet_model_fn, job.params,
                                     image_shape, training=bool(job.schedule))
   elif flags_obj.pretrained_model_checkpoint_path:
     whole_model = dataclasses.replace(job.params,
-                                      plan=ExitPlan.every_exit(job.params.model.num_exits))
+                                      plan=model_fn.ExitPlan.every_exit(job.params.model.num_exits))
     job.pretrained_step = warm_start.warm_start_model_dir(
-        flags_obj.model_dir, flags_obj.pretrained_model_checkpoint_path, resnet_model_fn,
+        flags_obj.model_dir, flags_obj.pretrained_model_checkpoint_path, model_fn.resnet_model_fn,
         whole_model, image_shape)
   elif flags_obj.eval_only:
     raise ValueError('--eval_only needs trained weights: pass '
@@ -683,7 +396,7 @@ def build_estimator(job):
         train_distribute=strategy, eval_distribute=None if job.cluster else strategy,
         session_config=session_config, keep_checkpoint_max=5, log_step_count_steps=100,
         **checkpoints)
-    return tf.estimator.Estimator(model_fn=resnet_model_fn, model_dir=flags_obj.model_dir,
+    return tf.estimator.Estimator(model_fn=model_fn.resnet_model_fn, model_dir=flags_obj.model_dir,
                                   config=run_config, params=job.params)
   training = estimator(job.strategy)
   if not job.cluster:
@@ -835,33 +548,6 @@ def dump_splits(estimator, job):
   return dumped
 
 
-def export_cascade(job):
-  """The real early-exit cascade of the model_dir's latest checkpoint, as a SavedModel."""
-  flags_obj, spec = job.flags, job.spec
-  return cascade_export.export_cascade(
-      tf.train.latest_checkpoint(flags_obj.model_dir), spec.model_factory, spec.image_shape,
-      flags_obj.cascade_thresholds, threshold_choice(flags_obj)['epsilon'], flags_obj.cascade_mode,
-      flags_obj.export_cascade_dir, spec.name, job.params.model.data_format,
-      spec.image_bytes_serving_fn if flags_obj.image_bytes_as_serving_input else None,
-      flags_obj.cascade_chunk_size, dtype=job.params.model.dtype,
-      moving_averages=bool(job.params.moving_average_decay),
-      accuracy_drop=threshold_choice(flags_obj)['accuracy_drop'])
-
-
-def export_tflite(job):
-  """One TensorFlow Lite model per stage of the model_dir's latest checkpoint, per variant."""
-  import tflite_export  # TensorFlow Lite's converter is needed by this step only
-  flags_obj, spec = job.flags, job.spec
-  return tflite_export.export_stages(
-      checkpoint=tf.train.latest_checkpoint(flags_obj.model_dir),
-      model_factory=spec.model_factory, image_shape=spec.image_shape,
-      export_dir_base=flags_obj.export_tflite_dir, dataset=spec.name,
-      calibration_input_fn=job.input_fn(False, 'train'),
-      num_calibration_images=flags_obj.tflite_calibration_images,
-      variants=flags_obj.tflite_variants,
-      moving_averages=bool(job.params.moving_average_decay))
-
-
 def resnet_main(flags_obj, spec):
   """Runs the job described by the flags on the data set described by ``spec``.
 
@@ -877,40 +563,14 @@ def resnet_main(flags_obj, spec):
   if not job.is_chief:
     return results   # The chief alone exports.
   if flags_obj.export_dir:
-    export_model(estimators.local, spec, flags_obj)
+    exports.export_model(estimators.local, spec, flags_obj)
   if flags_obj.export_cascade_dir:
-    results['cascade_export'] = export_cascade(job)
+    results['cascade_export'] = exports.export_cascade(job)
   if flags_obj.export_tflite_dir:
-    results['tflite_export'] = export_tflite(job)
+    results['tflite_export'] = exports.export_tflite(job)
   return results
 
 
 def _format_metrics(metrics):
   return ', '.join(f'{k}={float(v):.4f}' for k, v in sorted(metrics.items())
                    if k != 'global_step') + ', global_step={}'.format(metrics.get('global_step'))
-
-
-def export_model(estimator, spec, flags_obj):
-  """Exports a SavedModel taking a float batch, or JPEG bytes with --image_bytes_as_serving_input.
-
-  Returns:
-    The path of the SavedModel written.
-  """
-  height, width, channels = spec.image_shape
-  if flags_obj.image_bytes_as_serving_input:
-    if spec.image_bytes_serving_fn is None:
-      raise ValueError(f'--image_bytes_as_serving_input is not supported for {spec.name}')
-
-    def receiver_fn():
-      image_bytes = tf.placeholder(tf.string, [None], name='image_bytes')
-      images = tf.map_fn(spec.image_bytes_serving_fn, image_bytes, back_prop=False,
-                         fn_output_signature=tf.float32)
-      return tf.estimator.export.TensorServingInputReceiver(images, {'image_bytes': image_bytes})
-  else:
-    def receiver_fn():
-      images = tf.placeholder(tf.float32, [None, height, width, channels], name='images')
-      return tf.estimator.export.TensorServingInputReceiver(images, images)
-  path = estimator.export_saved_model(flags_obj.export_dir, receiver_fn)
-  path = path.decode() if isinstance(path, bytes) else path
-  logging.info('exported SavedModel to %s', path)
-  return path

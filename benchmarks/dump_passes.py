@@ -43,8 +43,8 @@ import tensorflow.compat.v1 as tf  # noqa: E402
 
 import dump_layout  # noqa: E402
 import imagenet_main  # noqa: E402
+import model_fn  # noqa: E402
 import resnet_model  # noqa: E402
-import resnet_run_loop  # noqa: E402
 import softmax_dump  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -92,11 +92,11 @@ def write_checkpoint(model_dir):
 
 def estimator_for(classifier_id, model_dir):
   model = model_factory('channels_last', tf.float32)
-  params = resnet_run_loop.RunParams(
-      model=model, plan=resnet_run_loop.ExitPlan.parse(classifier_id, model.num_exits))
+  params = model_fn.RunParams(
+      model=model, plan=model_fn.ExitPlan.parse(classifier_id, model.num_exits))
   config = tf.estimator.RunConfig(session_config=tf.ConfigProto(
       intra_op_parallelism_threads=FLAGS.intra, inter_op_parallelism_threads=FLAGS.inter))
-  return tf.estimator.Estimator(resnet_run_loop.resnet_model_fn, model_dir=model_dir,
+  return tf.estimator.Estimator(model_fn.resnet_model_fn, model_dir=model_dir,
                                 config=config, params=params)
 
 
@@ -124,7 +124,7 @@ def main(_):
     cpu_seconds = {c: [] for c in CONTENDERS}   # CPU seconds of this process per dump
     for rep in range(-FLAGS.warmup_rounds, FLAGS.repetitions):
       for contender in CONTENDERS:
-        exits = resnet_run_loop.ExitPlan.parse(contender, 3).built
+        exits = model_fn.ExitPlan.parse(contender, 3).built
         softmax_dir = os.path.join(root, f'dump_{contender}')
         # A split already dumped from the same checkpoint would be skipped: start afresh.
         shutil.rmtree(softmax_dir, ignore_errors=True)

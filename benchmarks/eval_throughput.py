@@ -3,7 +3,7 @@
 Both networks are ResNet-50 v2 with 1001 classes and random weights, fed the same synthetic
 [batch, 224, 224, 3] float32 batch over and over (no input pipeline, no JPEG decoding):
 
-* ours, Estimator: ``Estimator.predict`` with ``resnet_run_loop.resnet_model_fn`` and the ImageNet
+* ours, Estimator: ``Estimator.predict`` with ``model_fn.resnet_model_fn`` and the ImageNet
   model factory of ``imagenet_main`` (classifier 2, channels_last, fp32), as ``imagenet_main``
   builds it for a softmax dump. Images/s are timed between the batches the prediction generator
   yields, after ``--warmup_batches``; building the graph and restoring the checkpoint (once per
@@ -44,8 +44,8 @@ import tensorflow as tf2  # noqa: E402
 import tensorflow.compat.v1 as tf  # noqa: E402
 
 import imagenet_main  # noqa: E402
+import model_fn  # noqa: E402
 import resnet_model  # noqa: E402
-import resnet_run_loop  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 32, 'Images per batch.')
@@ -68,8 +68,8 @@ def model_fn_params():
   """The final classifier of ResNet-50 v2, as imagenet_main builds it for a dump."""
   model = resnet_model.imagenet_model(FLAGS.resnet_size, 2, imagenet_main.NUM_CLASSES,
                                       'channels_last')
-  return resnet_run_loop.RunParams(model=model,
-                                   plan=resnet_run_loop.ExitPlan.parse('2', model.num_exits))
+  return model_fn.RunParams(model=model,
+                                   plan=model_fn.ExitPlan.parse('2', model.num_exits))
 
 
 def session_config():
@@ -80,7 +80,7 @@ def session_config():
 def write_checkpoint(model_dir):
   """A random-weight checkpoint of our model, so predict restores as in a real dump."""
   with tf.Graph().as_default():
-    resnet_run_loop.resnet_model_fn(
+    model_fn.resnet_model_fn(
         tf.zeros([1, FLAGS.image_size, FLAGS.image_size, 3]), None,
         tf.estimator.ModeKeys.PREDICT, model_fn_params())
     step = tf.train.get_or_create_global_step()
@@ -101,7 +101,7 @@ class Estimator:
   def __init__(self, batch, model_dir):
     self.batch = batch
     config = tf.estimator.RunConfig(session_config=session_config())
-    self.estimator = tf.estimator.Estimator(resnet_run_loop.resnet_model_fn, model_dir=model_dir,
+    self.estimator = tf.estimator.Estimator(model_fn.resnet_model_fn, model_dir=model_dir,
                                             config=config, params=model_fn_params())
     self.fixed_costs = []
 
@@ -126,7 +126,7 @@ class Session:
     self.graph = tf.Graph()
     with self.graph.as_default():
       images = tf.Variable(tf.zeros(batch.shape), trainable=False)   # [batch, 224, 224, 3]
-      spec = resnet_run_loop.resnet_model_fn(images, None, tf.estimator.ModeKeys.PREDICT,
+      spec = model_fn.resnet_model_fn(images, None, tf.estimator.ModeKeys.PREDICT,
                                              model_fn_params())
       self.fetch = spec.predictions['clf2_probabilities']
       self.sess = tf.Session(config=session_config())

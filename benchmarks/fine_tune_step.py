@@ -1,6 +1,6 @@
 """Time of one head fine-tuning step versus one full-network training step, on the CPU.
 
-Builds the training graph of ``resnet_run_loop.resnet_model_fn`` as ``imagenet_main`` configures
+Builds the training graph of ``model_fn.resnet_model_fn`` as ``imagenet_main`` configures
 it (ImageNet ResNet v2, 1001 classes, channels_last, fp32, momentum, weight decay, the article's
 learning-rate schedules) for each contender and runs its ``train_op`` in a plain ``tf.Session``
 (not through the Estimator, so that the input pipeline, hooks and checkpointing are not timed):
@@ -35,8 +35,8 @@ import numpy as np  # noqa: E402
 import tensorflow.compat.v1 as tf  # noqa: E402
 
 import imagenet_main  # noqa: E402
+import model_fn  # noqa: E402
 import resnet_model  # noqa: E402
-import resnet_run_loop  # noqa: E402
 
 CONTENDERS = {  # name -> (--fine_tune, --classifier_id)
     'ft0': (True, '0'),
@@ -72,8 +72,8 @@ class Contender:
     schedule = imagenet_main.learning_rate_fn(
         types.SimpleNamespace(fine_tune=fine_tune, lr_schedule='step', warmup_epochs=None),
         batch_size)
-    params = resnet_run_loop.RunParams(
-        model=model, plan=resnet_run_loop.ExitPlan.parse(classifier_id, model.num_exits,
+    params = model_fn.RunParams(
+        model=model, plan=model_fn.ExitPlan.parse(classifier_id, model.num_exits,
                                                          fine_tune),
         learning_rate_fn=schedule)
     with self.graph.as_default():
@@ -81,7 +81,7 @@ class Contender:
       image_var = tf.Variable(tf.zeros(images.shape), trainable=False, name='bench_images')
       label_var = tf.Variable(tf.zeros(labels.shape, tf.int32), trainable=False,
                               name='bench_labels')
-      spec = resnet_run_loop.resnet_model_fn(image_var, label_var, tf.estimator.ModeKeys.TRAIN,
+      spec = model_fn.resnet_model_fn(image_var, label_var, tf.estimator.ModeKeys.TRAIN,
                                              params)
       self.train_op = spec.train_op
       self.num_trainable = _trained_parameter_count()

@@ -57,7 +57,10 @@ def readme_imagenet_commands():
   ``--classifier_id all`` line, in the README's order.
   """
   with open(os.path.join(REPO, 'README.md')) as f:
-    lines = [line.strip() for line in f if line.strip().startswith('python imagenet_main.py')]
+    readme = f.read()
+  section = readme.split('## Reproducing the ImageNet results', 1)[1].split('\n## ', 1)[0]
+  lines = [line.strip() for line in section.splitlines()
+           if line.strip().startswith('python imagenet_main.py')]
   commands = [shlex.split(line)[2:] for line in lines]
   return [argv for argv in commands if '-pmcp' in argv]
 

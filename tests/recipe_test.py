@@ -16,9 +16,10 @@ import tensorflow.compat.v1 as tf
 from absl import flags
 
 import cifar10_main
+import distribution
 import dump_layout
 import imagenet_main
-import resnet_run_loop
+import model_fn
 import warm_start
 
 tf.disable_eager_execution()
@@ -28,10 +29,10 @@ BATCH = 4
 
 def _params(**overrides):
   model = overrides.pop('model', None) or cifar10_main.Cifar10Model(8, 2, 'channels_last')
-  fields = {'model': model, 'plan': resnet_run_loop.ExitPlan.parse('2', model.num_exits),
+  fields = {'model': model, 'plan': model_fn.ExitPlan.parse('2', model.num_exits),
             'learning_rate_fn': lambda step: tf.constant(0.1)}
   fields.update(overrides)
-  return resnet_run_loop.RunParams(**fields)
+  return model_fn.RunParams(**fields)
 
 
 def _batch(seed=0):
@@ -51,7 +52,7 @@ class Graph:
     self.graph = tf.Graph()
     with self.graph.as_default():
       images, labels = _batch(seed)
-      self.spec = resnet_run_loop.resnet_model_fn(tf.constant(images), tf.constant(labels), mode,
+      self.spec = model_fn.resnet_model_fn(tf.constant(images), tf.constant(labels), mode,
                                                   params)
       self.sess = tf.Session()
       self.sess.run(tf.global_variables_initializer())
@@ -139,8 +140,8 @@ def test_decoupled_weight_decay_shrinks_the_kernels_after_the_step():
 
 def test_default_weight_decay_covers_exactly_the_kernels():
   graph = Graph(_params())
-  decayed = resnet_run_loop.decayed_variables(graph.trainable(),
-                                              resnet_run_loop.WEIGHT_DECAY_EXCLUDE)
+  decayed = model_fn.decayed_variables(graph.trainable(),
+                                              model_fn.WEIGHT_DECAY_EXCLUDE)
   assert {v.op.name for v in decayed} == {v.op.name for v in graph.trainable()
                                           if v.op.name.endswith('/kernel')}
 
@@ -209,7 +210,7 @@ def test_imagenet_full_training_keeps_its_five_warmup_epochs():
 
 def test_bfloat16_computes_in_bfloat16_with_float32_variables():
   model = cifar10_main.Cifar10Model(8, 2, 'channels_last', dtype=tf.bfloat16)
-  graph = Graph(_params(model=model, plan=resnet_run_loop.ExitPlan.parse('all', 3)))
+  graph = Graph(_params(model=model, plan=model_fn.ExitPlan.parse('all', 3)))
   with graph.graph.as_default():
     assert {v.dtype.base_dtype for v in tf.global_variables()
             if v.op.name != 'global_step'} == {tf.float32}
@@ -230,7 +231,7 @@ def test_bfloat16_computes_in_bfloat16_with_float32_variables():
 def test_bfloat16_on_a_device_that_cannot_run_it_is_one_clear_error():
   with pytest.raises(ValueError, match=r'--dtype bf16: TensorFlow cannot run bfloat16 .* on '
                                        r'/device:GPU:7 .*use --dtype fp32'):
-    resnet_run_loop.check_bfloat16_runs('/device:GPU:7')
+    distribution.check_bfloat16_runs('/device:GPU:7')
 
 
 @pytest.mark.parametrize('flag, value', [('--moving_average_decay', 1.0),

@@ -20,6 +20,7 @@ import tensorflow.compat.v1 as tf
 from absl import flags
 
 import cifar10_main
+import model_fn
 import resnet_model
 import resnet_run_loop
 import softmax_dump
@@ -300,7 +301,7 @@ def test_train_schedule_cycles():
   schedule = resnet_run_loop.train_schedule
   assert schedule(run_helpers.parse_cifar_flags(['-te', '8', '-ebe', '3'])) == [3, 6, 8]
   assert schedule(run_helpers.parse_cifar_flags(['-te', '8', '--eval_only'])) == []
-  plan = resnet_run_loop.ExitPlan.parse
+  plan = model_fn.ExitPlan.parse
   assert plan('all', 3, fine_tune=True).trained == (0, 1)
   assert plan('all', 3, fine_tune=False).trained == (0, 1, 2)
   assert plan('2', 3, fine_tune=True).trained == (2,)
@@ -331,13 +332,13 @@ def test_tensorflow_log_lines_are_printed_once():
 def test_model_fn_contract(mode, classifier_id, fine_tune):
   """Per mode and exit plan: prediction keys and dtypes, a scalar loss, the metric names."""
   model = cifar10_main.Cifar10Model(8, 2, 'channels_last')
-  plan = resnet_run_loop.ExitPlan.parse(classifier_id, model.num_exits, fine_tune)
-  params = resnet_run_loop.RunParams(model=model, plan=plan,
+  plan = model_fn.ExitPlan.parse(classifier_id, model.num_exits, fine_tune)
+  params = model_fn.RunParams(model=model, plan=plan,
                                      learning_rate_fn=lambda step: tf.constant(0.1))
   with tf.Graph().as_default():
     images = tf.zeros([4, 32, 32, 3])
     labels = tf.constant([0, 1, 2, 3])
-    spec = resnet_run_loop.resnet_model_fn(
+    spec = model_fn.resnet_model_fn(
         {'image': images, 'label': labels} if mode == 'infer' else images,
         None if mode == 'infer' else labels, mode, params)
     trainable = {resnet_model.variable_group(v.op.name) for v in tf.trainable_variables()}

@@ -5,7 +5,9 @@ exactly as the command line would, or through ``python cifar10_main.py`` in a su
 job needs a fresh TensorFlow runtime (logical CPU devices) or has to be killed.
 """
 
+import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -127,3 +129,15 @@ def write_random_checkpoint(prefix, resnet_size=8, resnet_version=2, exits=(2,),
         values[name] = value
       path = tf.train.Saver().save(sess, prefix, global_step=global_step)
   return path, values
+
+
+def local_tf_configs(count):
+  """The TF_CONFIG of each worker of a ``count``-worker cluster on free ports of 127.0.0.1."""
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(('127.0.0.1', 0))
+  workers = [f'127.0.0.1:{s.getsockname()[1]}' for s in sockets]
+  for s in sockets:
+    s.close()
+  return [json.dumps({'cluster': {'worker': workers}, 'task': {'type': 'worker', 'index': i}})
+          for i in range(count)]

@@ -52,7 +52,7 @@ def confidence(probabilities, mode):
   """Per-row confidence of a [batch, num_classes] float32 probability tensor.
 
   top1: the largest probability. top5: the sum of the 5 largest, added smallest first
-  (((p5 + p4) + p3) + p2) + p1 in float32, the order ``analyze_imagenet_labels.confidence`` uses,
+  (((p5 + p4) + p3) + p2) + p1 in float32, the order ``exit_statistics.confidence`` uses,
   so both give bit-identical numbers for the same probabilities.
   """
   if mode == 'top1':

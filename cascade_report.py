@@ -21,7 +21,7 @@ CASCADE_CSV = 'cascade.csv'
 RELIABILITY_PNG = 'reliability.png'
 ACCURACY_PNG = 'accuracy_vs_gmacs_{mode}.png'
 DROP_PNG = 'drop_vs_gmacs_{mode}.png'
-# The rules risk control is compared with (analyze_imagenet_labels.baseline_thresholds).
+# The rules risk control is compared with (risk_thresholds.baseline_thresholds).
 BASELINE_NAMES = {'epsilon_rule': 'epsilon = D, calibration images',
                   'epsilon_rule_train': 'epsilon = D, train (article)',
                   'empirical_rule': 'calibration drop <= D'}

@@ -525,3 +525,10 @@ def exit_accuracies(stats):
   return [{'exit': k, 'top1': float(s.top1_correct.mean()) if s.top1_correct.size else 0.0,
            'top5': float(s.top5_correct.mean()) if s.top5_correct.size else 0.0}
           for k, s in enumerate(stats)]
+
+
+def subset_stats(stats, rows):
+  """The ExitStats of a list restricted to ``rows`` (int [n]), in that order."""
+  return [ExitStats(max_prob=s.max_prob[rows], top5_sum=s.top5_sum[rows],
+                    top1_correct=s.top1_correct[rows], top5_correct=s.top5_correct[rows])
+          for s in stats]

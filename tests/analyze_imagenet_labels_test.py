@@ -18,6 +18,7 @@ import synthetic_dumps as sd  # noqa: E402
 
 import analyze_imagenet_labels as ail  # noqa: E402
 import cascade_report  # noqa: E402
+import cascade_rules as rules  # noqa: E402
 import cascade_thresholds  # noqa: E402
 import dump_layout  # noqa: E402
 import legacy_dumps  # noqa: E402
@@ -80,7 +81,7 @@ def test_thresholds_match_brute_force_on_random_dumps(seed):
   levels = int(rng.integers(2, 50))     # few levels: many ties
   conf = (rng.integers(0, levels, n) / levels).astype(np.float32)
   correct = rng.random(n) < conf * 0.9 + 0.05
-  got = ail.find_thresholds(conf, correct, EPSILONS)
+  got = rules.find_thresholds(conf, correct, EPSILONS)
   assert got.tolist() == brute_force_thresholds(conf, correct, EPSILONS)
 
 
@@ -100,24 +101,24 @@ def test_thresholds_match_brute_force_on_adversarial_dumps(case):
   }[case]
   conf = np.asarray(conf, np.float32)
   correct = np.asarray(correct, bool)
-  got = ail.find_thresholds(conf, correct, EPSILONS)
+  got = rules.find_thresholds(conf, correct, EPSILONS)
   assert got.tolist() == brute_force_thresholds(conf, correct, EPSILONS)
 
 
 def test_threshold_special_cases():
   # all wrong: the exit never takes anything, and that is a plain JSON number above 1
-  assert ail.find_thresholds(np.float32([0.2, 0.9]), [0, 0], [0.0, 1.0]).tolist() == [2.0, 2.0]
+  assert rules.find_thresholds(np.float32([0.2, 0.9]), [0, 0], [0.0, 1.0]).tolist() == [2.0, 2.0]
   # all correct: alpha is 1 everywhere, the smallest confidence qualifies
-  assert ail.find_thresholds(np.float32([0.2, 0.9]), [1, 1], [0.0]).tolist() == [np.float32(0.2)]
+  assert rules.find_thresholds(np.float32([0.2, 0.9]), [1, 1], [0.0]).tolist() == [np.float32(0.2)]
   # the best alpha is reached only above the last wrong answer
   conf = np.float32([0.1, 0.2, 0.3, 0.4])
-  assert ail.find_thresholds(conf, [1, 1, 0, 1], [0.0]).tolist() == [np.float32(0.4)]
+  assert rules.find_thresholds(conf, [1, 1, 0, 1], [0.0]).tolist() == [np.float32(0.4)]
   # alpha = 3/4, 2/3, 1/2, 1: epsilon 0.25 reaches down to 0.1; with 0.2499 nothing below 0.4
   # qualifies, although 2/3 at 0.2 and 1/2 at 0.3 lie between
-  assert ail.find_thresholds(conf, [1, 1, 0, 1], [0.25, 0.2499, 0.34]).tolist() == [
+  assert rules.find_thresholds(conf, [1, 1, 0, 1], [0.25, 0.2499, 0.34]).tolist() == [
       np.float32(0.1), np.float32(0.4), np.float32(0.1)]
   # alpha = 1/4, 1/3, 0, 0: target 1/3 - 0.05 skips 0.1; a target below 0 takes everything
-  assert ail.find_thresholds(conf, [0, 1, 0, 0], [0.05, 0.5]).tolist() == [
+  assert rules.find_thresholds(conf, [0, 1, 0, 0], [0.05, 0.5]).tolist() == [
       np.float32(0.2), np.float32(0.1)]
 
 
@@ -125,7 +126,7 @@ def test_thresholds_never_increase_with_epsilon():
   rng = np.random.default_rng(7)
   conf = rng.random(5000).astype(np.float32)
   correct = rng.random(5000) < conf
-  got = ail.find_thresholds(conf, correct, np.linspace(0, 1, 101))
+  got = rules.find_thresholds(conf, correct, np.linspace(0, 1, 101))
   assert np.all(np.diff(got) <= 0)
 
 
@@ -139,11 +140,11 @@ def test_cascade_exit_index_rule():
                    [0.0, 0.0, 0.0, 0.0, 0.0]], np.float32)
   # >= at the threshold itself; the last exit takes the rest even with zero confidence. The
   # comparison is in float32, as in the exported model: 0.7 means float32(0.7) on both sides.
-  assert ail.cascade_exit_index(conf, [0.5, 0.7]).tolist() == [0, 0, 1, 2, 0]
-  assert ail.cascade_exit_index(conf.astype(np.float64), [0.5, 0.7]).tolist() == [0, 0, 1, 2, 0]
-  assert ail.cascade_exit_index(conf, [2.0, 2.0]).tolist() == [2, 2, 2, 2, 2]
+  assert rules.cascade_exit_index(conf, [0.5, 0.7]).tolist() == [0, 0, 1, 2, 0]
+  assert rules.cascade_exit_index(conf.astype(np.float64), [0.5, 0.7]).tolist() == [0, 0, 1, 2, 0]
+  assert rules.cascade_exit_index(conf, [2.0, 2.0]).tolist() == [2, 2, 2, 2, 2]
   with pytest.raises(ValueError, match='thresholds'):
-    ail.cascade_exit_index(conf, [0.5, 0.7, 0.1])
+    rules.cascade_exit_index(conf, [0.5, 0.7, 0.1])
 
 
 def test_evaluate_cascade_hand_computed():
@@ -156,7 +157,7 @@ def test_evaluate_cascade_hand_computed():
                       [1, 1, 1, 1]], bool)
   # thresholds 0.8 / 0.9: image 0 -> exit 0 (right), 1 -> exit 1 (right), 2 -> exit 2 (right),
   # 3 -> exit 0 at exactly 0.8 (wrong). Accuracy 3/4; MACs (10 + 30 + 60 + 10) / 4 = 27.5.
-  result = ail.evaluate_cascade(conf, correct, [0.8, 0.9], [10, 20, 30], 50)
+  result = rules.evaluate_cascade(conf, correct, [0.8, 0.9], [10, 20, 30], 50)
   assert result['accuracy'] == 0.75
   assert result['mean_macs'] == 27.5
   assert result['speedup'] == pytest.approx(50 / 27.5)
@@ -259,7 +260,7 @@ def test_thresholds_reproduce_the_cascade_from_raw_probabilities(article_like):
     thresholds = cascade_thresholds.read(str(report_dir / 'thresholds.json')).thresholds(
         mode, eps + 1e-9)
     conf = np.stack([ail.confidence(p, mode) for p in probs])
-    exits = ail.cascade_exit_index(conf, thresholds)
+    exits = rules.cascade_exit_index(conf, thresholds)
     chosen = np.stack(probs)[exits, np.arange(labels.size)]
     rank = (chosen > chosen[np.arange(labels.size), labels][:, None]).sum(axis=1)
     correct = rank < (1 if mode == 'top1' else 5)

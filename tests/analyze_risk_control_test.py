@@ -25,10 +25,12 @@ import synthetic_dumps as sd  # noqa: E402
 from risk_control_test import reference_pvalue  # noqa: E402
 
 import analyze_imagenet_labels as ail  # noqa: E402
+import cascade_rules as rules  # noqa: E402
 import cascade_thresholds  # noqa: E402
 import dump_layout  # noqa: E402
 import exit_statistics  # noqa: E402
 import risk_control  # noqa: E402
+import risk_thresholds as rt  # noqa: E402
 
 SCRIPT = os.path.join(_ROOT, 'analyze_imagenet_labels.py')
 NUM_CLASSES = 20          # few classes keep the dumps small; the exits still differ in accuracy
@@ -168,12 +170,12 @@ def test_thresholds_reproduce_the_report_from_raw_probabilities(controlled):
     # The article's thresholds come from the calibration images only ...
     for entry in report[mode][::5]:
       for k in range(2):
-        expected = ail.find_thresholds(conf[k, calibration], correct[k, calibration],
+        expected = rules.find_thresholds(conf[k, calibration], correct[k, calibration],
                                        [entry['epsilon']])[0]
         assert entry['thresholds'][k] == expected
     # ... and every cascade figure from the evaluation images only.
     for e in [x for x in report['risk_controlled'] if x['mode'] == mode]:
-      exits = ail.cascade_exit_index(conf[:, evaluation], e['thresholds'])
+      exits = rules.cascade_exit_index(conf[:, evaluation], e['thresholds'])
       right = correct[exits, evaluation]
       assert e['evaluation']['accuracy'] == pytest.approx(right.mean(), abs=1e-12)
       assert e['evaluation']['drop'] == pytest.approx(correct[2, evaluation].mean()
@@ -189,7 +191,7 @@ def test_a_coverage_trial_is_one_run_on_its_split(controlled):
   _, splits, report, _ = controlled
   train, validation = stats_of(splits['train']), stats_of(splits['validation'])
   entry = report['risk_controlled'][1]                                       # top1, D = 0.03
-  candidates, _ = ail.candidate_thresholds(train, 'top1')     # from train: the same every trial
+  candidates, _ = rt.candidate_thresholds(train, 'top1')     # from train: the same every trial
   conf = np.stack([s.max_prob for s in validation])           # [3, 4000]
   correct = np.stack([s.top1_correct for s in validation])
   for r in (0, 17):
@@ -199,7 +201,7 @@ def test_a_coverage_trial_is_one_run_on_its_split(controlled):
     losses = risk_control.cascade_losses(exits, correct[:, calibration])
     j = risk_control.ltt_select(losses, 0.03, 0.1).index
     assert j >= 0
-    chosen = ail.cascade_exit_index(conf[:, evaluation], candidates[j])
+    chosen = rules.cascade_exit_index(conf[:, evaluation], candidates[j])
     drop = (np.count_nonzero(correct[2, evaluation])
             - np.count_nonzero(correct[chosen, evaluation])) / evaluation.size
     assert entry['coverage']['drops'][r] == pytest.approx(drop, abs=1e-12)
@@ -244,7 +246,7 @@ def reference_exit(confidences, i, pair):
 def reference_candidates(train_conf, train_correct):
   """The article's rule per exit for each CANDIDATE_EPSILON, by enumeration; repeats dropped."""
   vectors, epsilons = [], []
-  for eps in ail.CANDIDATE_EPSILONS:
+  for eps in rt.CANDIDATE_EPSILONS:
     vector = []
     for conf, correct in zip(train_conf[:2], train_correct[:2], strict=True):
       values = sorted(set(conf.tolist()))
@@ -341,9 +343,9 @@ def test_the_promises_hold_over_200_independent_calibration_draws():
   reductions = []
   for _ in range(draws):
     calibration = stats_of(sd.synthetic_split(rng, 1000, 10, nested=True))
-    images = ail.risk_images(calibration, fresh, train)
-    [ltt] = ail.control_risk(images, 'top1', [target], delta, 'ltt', STAGE_MACS, PLAIN_MACS)
-    [crc] = ail.control_risk(images, 'top1', [target], delta, 'crc', STAGE_MACS, PLAIN_MACS)
+    images = rt.risk_images(calibration, fresh, train)
+    [ltt] = rt.control_risk(images, 'top1', [target], delta, 'ltt', STAGE_MACS, PLAIN_MACS)
+    [crc] = rt.control_risk(images, 'top1', [target], delta, 'crc', STAGE_MACS, PLAIN_MACS)
     drops['ltt'].append(ltt['evaluation']['drop'])
     drops['crc'].append(crc['evaluation']['drop'])
     drops['naive'].append(ltt['baselines']['empirical_rule']['evaluation']['drop'])

@@ -12,6 +12,7 @@ import tensorflow.compat.v1 as tf
 
 import analyze_imagenet_labels as analysis
 import cascade_export
+import cascade_rules as rules
 import cascade_thresholds
 import cifar10_main
 import resnet_model
@@ -84,7 +85,7 @@ def _offline(softmax_dir, split, thresholds, mode):
   probabilities = [np.load(os.path.join(softmax_dir, split, 'clf{}_probabilities.npy'.format(k)))
                    for k in range(3)]
   confidences = np.stack([analysis.confidence(p, mode) for p in probabilities])
-  return probabilities, confidences, analysis.cascade_exit_index(confidences, thresholds)
+  return probabilities, confidences, rules.cascade_exit_index(confidences, thresholds)
 
 
 def test_exported_cascade_takes_the_exits_the_offline_simulation_predicts(fashion):
@@ -232,7 +233,7 @@ def test_imagenet_layout_cascade_gathers_and_scatters_in_input_order(chunk_size)
     assert signature['exit'].shape == (0,)
   assert outputs['probabilities'].shape == (24, 1001)
   np.testing.assert_allclose(plain['probabilities'], probabilities[2], atol=1e-5)
-  expected_exit = analysis.cascade_exit_index(confidences, [t0, t1])
+  expected_exit = rules.cascade_exit_index(confidences, [t0, t1])
   assert sorted(set(expected_exit)) == [0, 1, 2]
   np.testing.assert_array_equal(outputs['exit'], expected_exit)
   expected = np.stack([probabilities[k] for k in range(3)])[expected_exit, np.arange(24)]

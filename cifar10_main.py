@@ -24,6 +24,7 @@ from absl import app, flags, logging
 
 import input_pipeline
 import resnet_flags
+import resnet_layers
 import resnet_model
 import resnet_run_loop
 import user_errors
@@ -301,7 +302,7 @@ class Cifar10Model(resnet_model.Model):
 
   def __init__(self, resnet_size, resnet_version=resnet_model.DEFAULT_VERSION, data_format=None,
                dtype=resnet_model.DEFAULT_DTYPE, num_classes=NUM_CLASSES,
-               batch_norm_decay=resnet_model.BATCH_NORM_DECAY):
+               batch_norm_decay=resnet_layers.BATCH_NORM_DECAY):
     resnet_size = int(resnet_size)
     if resnet_size % 6 != 2 or resnet_size < 8:
       raise ValueError('CIFAR ResNets have 6n+2 layers (8, 14, 20, 26, 32, 44, 56, 110, ...), '

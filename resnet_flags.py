@@ -13,7 +13,7 @@ from absl import flags
 
 import cascade_export
 import model_fn
-import resnet_model
+import resnet_layers
 import softmax_dump
 
 
@@ -61,7 +61,7 @@ def define_base_flags(resnet_size_choices, default_resnet_size, num_exits, flag_
                  '(pre-activation).', short_name='rv')
   define('enum')('resnet_size', default_resnet_size, [str(s) for s in resnet_size_choices],
                  'Network depth.', short_name='rs')
-  define('float')('batch_norm_decay', resnet_model.BATCH_NORM_DECAY, 'Decay of the BN moving '
+  define('float')('batch_norm_decay', resnet_layers.BATCH_NORM_DECAY, 'Decay of the BN moving '
                   'averages (official: 0.997; short runs such as the CPU demo need less, e.g. '
                   '0.9, or evaluation sees unconverged statistics).')
   define('string')('pretrained_model_checkpoint_path', None, 'Pretrained checkpoint (prefix or '

@@ -15,6 +15,7 @@ import cascade_export
 import cascade_rules as rules
 import cascade_thresholds
 import cifar10_main
+import resnet_layers
 import resnet_model
 from tests import run_helpers
 
@@ -263,8 +264,8 @@ def test_a_stage_no_image_needs_does_not_run(chunk_size):
   """Everyone leaving at exit 0 runs stage 0's convs only; an empty batch runs none."""
   model = resnet_model.imagenet_model(18, 2, 1001, 'channels_last')
   images = np.random.RandomState(2).normal(0, 1, [5, 64, 64, 3]).astype(np.float32)
-  stage0 = {resnet_model.layer_name('conv2d', i) for i in range(11)}   # stem + groups 1-2
-  every = {resnet_model.layer_name('conv2d', i) for i in range(21)}
+  stage0 = {resnet_layers.layer_name('conv2d', i) for i in range(11)}   # stem + groups 1-2
+  every = {resnet_layers.layer_name('conv2d', i) for i in range(21)}
   with tf.Graph().as_default(), tf.Session() as sess:
     placeholder = tf.placeholder(tf.float32, [None, 64, 64, 3])
     thresholds = tf.placeholder(tf.float32, [2])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow.compat.v1 as tf
 
+import resnet_layers
 import resnet_model
 
 tf.disable_eager_execution()
@@ -146,7 +147,7 @@ def test_heads_give_equal_logits_in_both_data_formats():
 def test_grid_pool_equals_tensorflow_average_pool():
   features = np.random.RandomState(2).randn(2, 14, 14, 5).astype(np.float32)
   with tf.Graph().as_default(), tf.Session() as sess:
-    ours = resnet_model.grid_average_pool(tf.constant(features), (1, 2), 'channels_last')
+    ours = resnet_layers.grid_average_pool(tf.constant(features), (1, 2), 'channels_last')
     reference = tf.nn.avg_pool2d(features, (14, 7), (14, 7), 'VALID')   # [2, 1, 2, 5]
     reference = tf.reshape(tf.transpose(reference, [0, 3, 1, 2]), [2, 10])
     ours, reference = sess.run([ours, reference])
@@ -261,7 +262,7 @@ def test_layer_names_follow_tensorflows_automatic_numbering(resnet_size, version
     if kind in layers and layer not in layers[kind]:
       layers[kind].append(layer)
   for kind, names in layers.items():
-    assert names == [resnet_model.layer_name(kind, i) for i in range(len(names))]
+    assert names == [resnet_layers.layer_name(kind, i) for i in range(len(names))]
   per_block = 3 if resnet_size >= 50 else 2
   blocks = sum(resnet_model.imagenet_block_sizes(resnet_size))
   assert len(layers['conv2d']) == 1 + blocks * per_block + 4

@@ -35,7 +35,7 @@ test: $(STAMP) data-packages lint
 # oneDNN switched the other way, so that neither CPU family can regress unseen.
 KERNEL_TESTS := tests/resnet_model_test.py tests/cascade_export_test.py \
   tests/distributed_predict_test.py tests/cifar10_main_test.py tests/multi_worker_test.py \
-  tests/recipe_test.py
+  tests/recipe_test.py tests/tflite_cascade_test.py
 test-other-kernels: $(STAMP) data-packages
 	@other=$$($(PY) -c 'from tensorflow.python.util import _pywrap_util_port as p; \
 	  print(0 if p.IsMklEnabled() else 1)' 2>/dev/null) && \

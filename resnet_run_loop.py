@@ -299,7 +299,10 @@ def check_request(flags_obj, spec):
     cascade_thresholds.read(flags_obj.cascade_thresholds, num_classes=model.num_classes,
                             num_exits=model.num_exits).thresholds_for(
                                 flags_obj.cascade_mode, **exports.threshold_choice(flags_obj))
-  for flag in ('model_dir', 'softmax_dir', 'export_dir', 'export_cascade_dir'):
+  if flags_obj.export_tflite_dir:
+    import tflite_export  # TensorFlow Lite's converter is needed by that export only
+    tflite_export.check_variants(flags_obj.tflite_variants)
+  for flag in ('model_dir', 'softmax_dir', 'export_dir', 'export_cascade_dir', 'export_tflite_dir'):
     if getattr(flags_obj, flag):
       user_errors.check_writable(getattr(flags_obj, flag), '--' + flag)
   # After the checks: a bad flag should fail the same way whether or not TF has started.

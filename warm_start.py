@@ -209,7 +209,15 @@ def warm_start_model_dir(model_dir, pretrained_path, model_fn, whole_model_param
           'ImageNet checkpoints are -rv 2 -rs 50 with 1001 classes for '
           'resnet_imagenet_v2_fp32_20181001.'.format(
               checkpoint, len(problems), len(wanted), '\n  '.join(problems[:10])))
-    tf.train.init_from_checkpoint(checkpoint, {name: name for name in wanted})
+    # A checkpoint trained with --moving_average_decay was evaluated, dumped and exported with
+    # its averages: those are its model, so they are what the new run starts from.
+    source = {name: name + MOVING_AVERAGE_SUFFIX if name + MOVING_AVERAGE_SUFFIX in
+              checkpoint_shapes else name for name in wanted}
+    averaged = sum(source[name] != name for name in wanted)
+    if averaged:
+      logging.info('The pretrained checkpoint holds moving averages: %d variables start from '
+                   'them', averaged)
+    tf.train.init_from_checkpoint(checkpoint, {source[name]: name for name in wanted})
     # Moving averages (--moving_average_decay) start at the values they average.
     by_name = {v.op.name: v for v in variables}
     start_averages = [v.assign(by_name[v.op.name[:-len(MOVING_AVERAGE_SUFFIX)]])

@@ -291,6 +291,13 @@ def test_moving_average_from_warm_start_to_dump(data_dir, tmp_path):
   labels = np.load(dump_layout.labels_path(softmax_dir, 'validation'))
   assert result['eval']['accuracy'] == pytest.approx(np.mean(dumped.argmax(1) == labels),
                                                      abs=1e-6)
+  # A run warm-started from this checkpoint starts from its averages: they are its model.
+  second = str(tmp_path / 'second')
+  run_helpers.run_cifar('-dd', data_dir, '-md', second, '-rs', 8, '-rv', 2, '--classifier_id', 2,
+                        '--eval_only', '-pmcp', model_dir, '--softmax_dir=')
+  started = run_helpers.checkpoint_values(second)
+  for name in ('resnet_model/conv2d/kernel', 'resnet_model/dense/bias'):
+    np.testing.assert_array_equal(started[name], final[name + suffix])
 
 
 def _probabilities(images, values):

@@ -4,7 +4,9 @@ Writes the layout of ``dump_layout`` (labels and per-exit probabilities, row i t
 every file) on one device with ``Estimator.predict``, or on every replica of a MirroredStrategy at
 once (``predict_with_strategy``: ``Estimator.predict`` has no strategies), with each global batch
 cut into one non-empty share per replica (``split_into_replica_batches``). A dump checks its
-labels against the dumps already in the folder, batch by batch.
+labels against the dumps already in the folder, batch by batch; it resumes after a kill and skips
+a split already dumped from the same checkpoint (``dump_writer.SplitDump``); and it can be one
+part of a split sharded over several workers (``dump_softmax_part``).
 """
 
 import hashlib

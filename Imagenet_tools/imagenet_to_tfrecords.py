@@ -86,6 +86,7 @@ import shutil
 import signal
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ElementTree
@@ -963,6 +964,31 @@ def _remove_temp_dir_if_converter_gone(converter_alive, converter_temp_dir):
     shutil.rmtree(converter_temp_dir, ignore_errors=True)
 
 
+# Linux keeps a Unix socket's path in 108 bytes (with its terminating zero). The fork server's
+# socket is <temp folder>/pymp-XXXXXXXX/listener-XXXXXXXX; Python 3.11 fails with "AF_UNIX path
+# too long" when TMPDIR leaves too little room for it (3.12 falls back to /tmp, as we do here).
+_SOCKET_PATH_MAX = 107
+_SOCKET_SUFFIX = os.path.join('pymp-12345678', 'listener-12345678')
+_SHORT_TEMP_DIRS = ('/tmp', '/var/tmp', '/dev/shm')
+
+
+def _use_short_temp_dir_for_sockets():
+  """Moves this process's temp folder to a short one if TMPDIR is too long for a socket path."""
+  base = tempfile.gettempdir()
+  if len(os.path.join(base, _SOCKET_SUFFIX)) <= _SOCKET_PATH_MAX:
+    return
+  for candidate in _SHORT_TEMP_DIRS:
+    if os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
+      logging.warning('The temp folder %s is too long for the workers\' Unix socket; using %s.',
+                      base, candidate)
+      tempfile.tempdir = candidate
+      return
+  raise RuntimeError(f'The temp folder {base} is too long for the workers\' Unix socket '
+                  f'(at most {_SOCKET_PATH_MAX - len(_SOCKET_SUFFIX) - 1} characters) and none '
+                  f'of {", ".join(_SHORT_TEMP_DIRS)} is writable: set TMPDIR to a shorter folder, '
+                  'or use --num_workers=1.')
+
+
 def _run_writers(tasks, manifests, output_dir, num_workers, skip_bad_images, show_progress,
                  to_write):
   """Runs the shard tasks in worker processes; renames each shard once it is complete.
@@ -972,6 +998,8 @@ def _run_writers(tasks, manifests, output_dir, num_workers, skip_bad_images, sho
   """
   if not tasks:
     return []
+  if multiprocessing.parent_process() is None:
+    _use_short_temp_dir_for_sockets()
   context = multiprocessing.get_context('forkserver')
   # Workers fork from a server that imported TensorFlow once, instead of importing it each.
   context.set_forkserver_preload(['tensorflow'])

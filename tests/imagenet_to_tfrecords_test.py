@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import imagenet_fixtures
@@ -322,6 +323,28 @@ def test_shell_wrapper_end_to_end(tmp_path):
   assert 'Traceback' not in failed.stderr
 
 
+def test_temp_folder_too_long_for_a_socket(tmp_path):
+  # Python 3.11's fork server fails with "AF_UNIX path too long" under such a TMPDIR.
+  mini = imagenet_fixtures.make_miniature_imagenet(
+      str(tmp_path / 'imagenet'), train_per_class=2, validation_per_class=1, num_classes=2,
+      special_files=False, with_boxes=False)
+  long_temp_dir = tmp_path / ('t' * 60) / ('m' * 40)
+  long_temp_dir.mkdir(parents=True)
+  output_dir = str(tmp_path / 'out')
+  done = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'Imagenet_tools', 'imagenet_to_tfrecords.py'),
+       f'--imagenet_home={mini.imagenet_home}', f'--output_dir={output_dir}', '--splits=train',
+       '--train_shards=2', '--num_workers=2'],
+      env=dict(os.environ, TMPDIR=str(long_temp_dir), TF_CPP_MIN_LOG_LEVEL='2'),
+      capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'is too long for the workers\' Unix socket; using /tmp' in done.stderr
+  records = imagenet_fixtures.read_examples(
+      [os.path.join(output_dir, 'train', converter.shard_name('train', k, 2)) for k in range(2)],
+      decode=False)
+  assert sorted(r['filename'] for r in records) == sorted(mini.train)
+
+
 def _still_running(processes):
   """The processes that have not ended (a zombie has ended; it only waits to be reaped)."""
   running = []
@@ -354,7 +377,7 @@ def _wait_for(condition, timeout, what, converter_process, stderr):
 
 
 @pytest.mark.parametrize('signum', [signal.SIGKILL, signal.SIGTERM], ids=['SIGKILL', 'SIGTERM'])
-def test_killed_converter_takes_its_processes_along(signum, tmp_path):
+def test_killed_converter_takes_its_processes_along(signum, tmp_path, request):
   # Its forkserver, workers and resource tracker (~870 MB) must end with it, however it ends.
   # 240 images in 24 shards: enough work that the workers are caught before they finish it.
   mini = imagenet_fixtures.make_miniature_imagenet(
@@ -363,9 +386,10 @@ def test_killed_converter_takes_its_processes_along(signum, tmp_path):
   num_shards = 24
   output_dir = str(tmp_path / 'out')
   train_dir = os.path.join(output_dir, 'train')
-  # multiprocessing makes its pymp-* folders in the converter's TMPDIR.
-  temp_dir = str(tmp_path / 'tmp')
-  os.makedirs(temp_dir)
+  # multiprocessing makes its pymp-* folders in the converter's TMPDIR. A short one, so that the
+  # converter keeps it (a TMPDIR too long for the fork server's socket is replaced by /tmp).
+  temp_dir = tempfile.mkdtemp(prefix='conv-')
+  request.addfinalizer(lambda: shutil.rmtree(temp_dir, ignore_errors=True))
   env = dict(os.environ, TMPDIR=temp_dir, TF_CPP_MIN_LOG_LEVEL='2')
   descendants = []
   # stderr goes to a file: leftover processes would keep a pipe open and block reading it.

@@ -19,11 +19,11 @@ and return per image: ``probabilities`` [batch, num_classes] float32, ``classes`
 ``top5_classes`` [batch, min(5, num_classes)] int32, ``exit`` [batch] int32 (the exit taken) and
 ``macs`` [batch] int64 (multiply-accumulates spent on the image).
 
-Both signatures classify a batch in consecutive chunks of ``chunk_size`` images (default 8; 0 runs
-the whole batch at once). On a CPU the early, large feature maps of a big batch overflow the
-caches: ResNet-50 v2 spends ~40% more time per image in its stem and groups 1-2 at batch 32 than
-at batch 8, so chunks make the plain network ~20% faster and let the cascade's savings follow its
-MAC counts. GPUs prefer whole batches: export those with a chunk size of 0.
+Both signatures classify a batch in consecutive chunks of ``chunk_size`` images, or the whole
+batch at once (0). Which is faster depends on TensorFlow's CPU kernels (``default_chunk_size``):
+without oneDNN the early, large feature maps of a big batch overflow the caches and chunks of 8
+make the plain ResNet-50 15% faster at batch 32; oneDNN's kernels are faster on whole batches
+(12% at batch 256), and so are GPUs.
 
 A ``cascade_info.json`` beside ``saved_model.pb`` records the data set, input kind, image shape,
 mode, epsilon, thresholds and MAC counts for ``cascade_predict.py``.
@@ -42,10 +42,35 @@ import warm_start
 
 CASCADE_INFO = 'cascade_info.json'
 TOP_K = cascade_thresholds.TOP_K
-DEFAULT_CHUNK_SIZE = 8
+# Images per chunk where chunks pay (TensorFlow's own CPU kernels, see default_chunk_size).
+CPU_CHUNK_SIZE = 8
 # dtype of each per-image output; _per_image_outputs builds them, in_chunks collects them.
 OUTPUT_DTYPES = {'probabilities': tf.float32, 'classes': tf.int64, 'top5_classes': tf.int32,
                  'exit': tf.int32, 'macs': tf.int64}
+
+
+def onednn_enabled():
+  """Whether this process runs TensorFlow's oneDNN CPU kernels (TF_ENABLE_ONEDNN_OPTS or default).
+
+  TensorFlow 2.15 turns them on by default on CPUs with AVX512_VNNI, AVX512_BF16 or AMX.
+  """
+  from tensorflow.python.util import _pywrap_util_port
+  return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def default_chunk_size():
+  """The chunk size the cascade is exported with when none is asked for: 0 or CPU_CHUNK_SIZE.
+
+  Measured with benchmarks/cascade_speedup.py (ResNet-50 v2, 224x224, AMD EPYC with AVX-512): with
+  oneDNN on, whole batches are faster than chunks of 8 (plain network 4.9 s vs 5.5 s at batch
+  256) and the cascade keeps more of its MAC-predicted speedup; with TensorFlow's own kernels
+  chunks of 8 are faster (722 ms vs 850 ms at batch 32). The choice follows the exporting
+  process, which is why cascade_info.json records it: export on the kind of machine that serves.
+  GPUs get whole batches too.
+  """
+  if onednn_enabled() or tf.config.list_physical_devices('GPU'):
+    return 0
+  return CPU_CHUNK_SIZE
 
 
 def confidence(probabilities, mode):
@@ -230,7 +255,7 @@ def build_signatures(model, images, thresholds, mode, chunk_size):
 
 def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsilon, mode,
                    export_dir_base, dataset, data_format='channels_last',
-                   image_bytes_fn=None, chunk_size=DEFAULT_CHUNK_SIZE, dtype=tf.float32,
+                   image_bytes_fn=None, chunk_size=None, dtype=tf.float32,
                    moving_averages=False, accuracy_drop=None):
   """Writes the cascade SavedModel into a new timestamped folder under ``export_dir_base``.
 
@@ -247,7 +272,7 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
     data_format: layout of the activations in the exported graph.
     image_bytes_fn: JPEG bytes -> preprocessed image; when given, the model takes JPEG bytes.
     chunk_size: images the SavedModel classifies at a time (see the module docstring); 0: the
-      whole batch.
+      whole batch; None: default_chunk_size().
     dtype: compute precision of the exported graph (tf.float32, or tf.bfloat16 / tf.float16
       with the same fp32 variables); its inputs and outputs are float32 whatever it is.
     moving_averages: compute with the checkpoint's moving averages of the variables (a run
@@ -258,6 +283,8 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
   Returns:
     The folder of the SavedModel.
   """
+  if chunk_size is None:
+    chunk_size = default_chunk_size()
   model = model_factory(data_format, dtype)
   report = cascade_thresholds.read(thresholds_file, model.num_classes, model.num_exits)
   choice = {'epsilon': epsilon, 'accuracy_drop': accuracy_drop}
@@ -301,6 +328,7 @@ def export_cascade(checkpoint, model_factory, image_shape, thresholds_file, epsi
       'accuracy_drop': None if accuracy_drop is None else float(accuracy_drop),
       'thresholds': thresholds,
       'chunk_size': chunk_size or 0,
+      'onednn_at_export': onednn_enabled(),
       'dtype': model.dtype.name,
       'moving_averages': bool(moving_averages),
       'num_classes': model.num_classes,

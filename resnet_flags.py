@@ -205,10 +205,12 @@ def define_export_flags(flag_values):
                   'in --cascade_thresholds, from analyze_imagenet_labels.py --accuracy_drop).')
   define('enum')('cascade_mode', 'top1', ['top1', 'top5'], 'Confidence of the exported cascade: '
                  'largest probability (top1) or sum of the five largest (top5).')
-  define('integer')('cascade_chunk_size', cascade_export.DEFAULT_CHUNK_SIZE, 'The exported '
-                    'cascade (and its plain `full` signature) classifies a batch this many images '
-                    'at a time: faster on CPUs, whose caches the early feature maps of a big batch '
-                    'overflow. 0: the whole batch at once (for GPUs).', lower_bound=0)
+  define('integer')('cascade_chunk_size', None, 'The exported cascade (and its plain `full` '
+                    'signature) classifies a batch this many images at a time; 0: the whole batch '
+                    'at once. Default: 0 where TensorFlow\'s oneDNN kernels are on (Intel Xeons, '
+                    'recent AMD EPYCs) or on GPUs, {} on other CPUs, whose caches the early '
+                    'feature maps of a big batch overflow.'.format(cascade_export.CPU_CHUNK_SIZE),
+                    lower_bound=0)
   define('string')('export_tflite_dir', None, 'Export one TensorFlow Lite model per stage of the '
                    'cascade here (for cascade_predict.py --tflite), in each of --tflite_variants.')
   define('list')('tflite_variants', ['float32', 'dynamic_int8', 'int8'], 'TFLite variants: '

@@ -58,8 +58,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer('resnet_size', 50, 'ImageNet ResNet depth.')
 flags.DEFINE_integer('image_size', 224, 'Image side (a multiple of 32).')
 flags.DEFINE_integer('batch_size', 32, 'Images per batch.')
-flags.DEFINE_integer('chunk_size', cascade_export.DEFAULT_CHUNK_SIZE, 'Chunk size of the '
-                     'exported graph (0: the whole batch at once).')
+flags.DEFINE_integer('chunk_size', None, 'Chunk size of the exported graph (0: the whole batch '
+                     'at once); default: what an export on this machine uses.')
 flags.DEFINE_integer('reps', 7, 'Timed calls per graph and dtype in part (b).')
 flags.DEFINE_integer('estimator_reps', 5, 'Predict calls per dtype in part (a).')
 flags.DEFINE_integer('warmup_batches', 1, 'Untimed batches at the start of each predict call.')
@@ -299,6 +299,8 @@ def main(_):
   tf.disable_eager_execution()
   tf.get_logger().setLevel('ERROR')
   logging.set_verbosity(logging.WARNING)
+  if FLAGS.chunk_size is None:
+    FLAGS.chunk_size = cascade_export.default_chunk_size()
   header = machine.describe()
   print(header)
   print(bf16_hardware())
@@ -352,7 +354,7 @@ def main(_):
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
       json.dump({'machine': header, 'bf16_hardware': bf16_hardware(),
-                 'onednn': machine.onednn_enabled(), 'batch_size': FLAGS.batch_size,
+                 'onednn': cascade_export.onednn_enabled(), 'batch_size': FLAGS.batch_size,
                  'estimator': {n: {k: v for k, v in e.items() if k != 'probabilities'}
                                for n, e in estimator.items()},
                  'estimator_max_abs_probability_difference': difference_a,

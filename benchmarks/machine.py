@@ -7,6 +7,8 @@ prints this line first.
 import os
 import platform
 
+import cascade_export
+
 # Extensions that decide TensorFlow's CPU speed and its oneDNN default (/proc/cpuinfo names).
 _FEATURES = ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_bf16', 'amx_int8')
 
@@ -27,12 +29,6 @@ def cpu_model():
   return name, [feature for feature in _FEATURES if feature in flags]
 
 
-def onednn_enabled():
-  """Whether this process runs TensorFlow's oneDNN kernels (TF_ENABLE_ONEDNN_OPTS or default)."""
-  from tensorflow.python.util import _pywrap_util_port
-  return bool(_pywrap_util_port.IsMklEnabled())
-
-
 def describe():
   """One line: CPU, extensions, cores, and the oneDNN setting with where it came from."""
   name, features = cpu_model()
@@ -40,4 +36,4 @@ def describe():
   source = f'TF_ENABLE_ONEDNN_OPTS={forced}' if forced is not None else 'TensorFlow default'
   return '{}, {} core(s), {}; oneDNN {} ({})'.format(
       name, os.cpu_count(), ' '.join(features) or 'no AVX2/AVX-512/AMX',
-      'on' if onednn_enabled() else 'off', source)
+      'on' if cascade_export.onednn_enabled() else 'off', source)

@@ -300,6 +300,11 @@ def test_export_with_a_guaranteed_accuracy_drop_uses_its_risk_controlled_thresho
     info = json.load(f)
   assert info['thresholds'] == chosen and info['accuracy_drop'] == 0.01
   assert info['epsilon'] is None and info['offline_estimate']['accuracy'] == 0.8
+  # No chunk size asked for: whole batches under oneDNN's kernels, chunks of 8 under TensorFlow's.
+  forced = os.environ.get('TF_ENABLE_ONEDNN_OPTS')
+  onednn = cascade_export.onednn_enabled() if forced is None else forced == '1'
+  assert info['onednn_at_export'] is onednn
+  assert info['chunk_size'] == (0 if onednn else cascade_export.CPU_CHUNK_SIZE)
   with pytest.raises(ValueError, match='no top1 .*0.02'):
     cascade_export.export_cascade(
         tf.train.latest_checkpoint(fashion['model_dir']), fashion['factory'], (32, 32, 3),

@@ -22,8 +22,8 @@ and return per image: ``probabilities`` [batch, num_classes] float32, ``classes`
 Both signatures classify a batch in consecutive chunks of ``chunk_size`` images, or the whole
 batch at once (0). Which is faster depends on TensorFlow's CPU kernels (``default_chunk_size``):
 without oneDNN the early, large feature maps of a big batch overflow the caches and chunks of 8
-make the plain ResNet-50 15% faster at batch 32; oneDNN's kernels are faster on whole batches
-(12% at batch 256), and so are GPUs.
+make the plain ResNet-50 22% faster at batch 32 (35% at batch 256); oneDNN's kernels are faster
+on whole batches (7-12% at batch 256), and so are GPUs.
 
 A ``cascade_info.json`` beside ``saved_model.pb`` records the data set, input kind, image shape,
 mode, epsilon, thresholds and MAC counts for ``cascade_predict.py``.
@@ -61,10 +61,11 @@ def onednn_enabled():
 def default_chunk_size():
   """The chunk size the cascade is exported with when none is asked for: 0 or CPU_CHUNK_SIZE.
 
-  Measured with benchmarks/cascade_speedup.py (ResNet-50 v2, 224x224, AMD EPYC with AVX-512): with
-  oneDNN on, whole batches are faster than chunks of 8 (plain network 4.9 s vs 5.5 s at batch
-  256) and the cascade keeps more of its MAC-predicted speedup; with TensorFlow's own kernels
-  chunks of 8 are faster (722 ms vs 850 ms at batch 32). The choice follows the exporting
+  Measured with benchmarks/cascade_speedup.py (ResNet-50 v2, 224x224, AMD EPYC with AVX-512; the
+  README's table): with oneDNN on, whole batches are faster than chunks of 8 (plain network
+  10.3-10.8 s vs 11.1-11.7 s at batch 256) and the cascade keeps more of its MAC-predicted speedup;
+  with TensorFlow's own kernels chunks of 8 are faster (1.6-1.9 s vs 1.9-2.2 s at batch 32,
+  12.4-14.5 s vs 19.8-22.6 s at batch 256). The choice follows the exporting
   process, which is why cascade_info.json records it: export on the kind of machine that serves.
   GPUs get whole batches too.
   """

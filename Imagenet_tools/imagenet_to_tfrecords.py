@@ -984,9 +984,9 @@ def _use_short_temp_dir_for_sockets():
       tempfile.tempdir = candidate
       return
   raise RuntimeError(f'The temp folder {base} is too long for the workers\' Unix socket '
-                  f'(at most {_SOCKET_PATH_MAX - len(_SOCKET_SUFFIX) - 1} characters) and none '
-                  f'of {", ".join(_SHORT_TEMP_DIRS)} is writable: set TMPDIR to a shorter folder, '
-                  'or use --num_workers=1.')
+                     f'(at most {_SOCKET_PATH_MAX - len(_SOCKET_SUFFIX) - 1} characters) and '
+                     f'none of {", ".join(_SHORT_TEMP_DIRS)} is writable: set TMPDIR to a '
+                     'shorter folder, or use --num_workers=1.')
 
 
 def _run_writers(tasks, manifests, output_dir, num_workers, skip_bad_images, show_progress,
